@@ -1,0 +1,48 @@
+# airlock/appliance: supervisord (under tini) runs sockguard, the egress proxy and the agent, each as
+# its own non-root user. Built by images/build.py, which stages the context (wheels/, src/, policy/).
+#
+# Offline: BASE_IMAGE is the debootstrapped airlock/base (python3, venv, tini already inside).
+# Online:  docker build --build-arg BASE_IMAGE=debian:bookworm-slim <staged context>
+ARG BASE_IMAGE=debian:bookworm-slim
+
+FROM ${BASE_IMAGE} AS venv
+COPY images/ensure-python.sh /tmp/ensure-python.sh
+RUN sh /tmp/ensure-python.sh
+COPY requirements.lock /tmp/requirements.lock
+COPY wheels/ /tmp/wheels/
+RUN python3 -m venv /opt/airlock/venv \
+ && /opt/airlock/venv/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels \
+      --require-hashes -r /tmp/requirements.lock \
+ && find /opt/airlock/venv -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM ${BASE_IMAGE}
+COPY images/ensure-python.sh /tmp/ensure-python.sh
+RUN sh /tmp/ensure-python.sh && rm /tmp/ensure-python.sh \
+ && groupadd --system --gid 10100 airlock-sockguard \
+ && groupadd --system --gid 10101 airlock-egress \
+ && groupadd --system --gid 10102 airlock-agent \
+ && useradd --system --no-create-home --uid 10100 --gid 10100 --shell /usr/sbin/nologin airlock-sockguard \
+ && useradd --system --no-create-home --uid 10101 --gid 10101 --shell /usr/sbin/nologin airlock-egress \
+ && useradd --system --no-create-home --uid 10102 --gid 10102 --shell /usr/sbin/nologin airlock-agent
+COPY --from=venv /opt/airlock/venv /opt/airlock/venv
+COPY src/ /opt/airlock/src/
+COPY policy/ /etc/airlock/policy/
+COPY images/appliance/supervisord.conf /etc/airlock/supervisord.conf
+COPY images/appliance/entrypoint.sh /usr/local/bin/airlock-entrypoint
+COPY images/appliance/airlock /usr/local/bin/airlock
+RUN echo /opt/airlock/src > "$(/opt/airlock/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/airlock.pth" \
+ && chmod 0755 /usr/local/bin/airlock /usr/local/bin/airlock-entrypoint \
+ && /opt/airlock/venv/bin/python -m compileall -q /opt/airlock/src \
+ && install -d -o airlock-agent -g airlock-agent -m 0700 /var/lib/airlock
+ENV PATH=/opt/airlock/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONUNBUFFERED=1 \
+    AIRLOCK_POLICY_DIR=/etc/airlock/policy \
+    AIRLOCK_STATE_DIR=/var/lib/airlock \
+    AIRLOCK_DOCKER_HOST=unix:///run/airlock/sockguard/docker.sock \
+    AIRLOCK_UPSTREAM_SOCKET=/var/run/docker.sock \
+    AIRLOCK_LOCATIONS=/etc/airlock/locations.yaml
+VOLUME ["/var/lib/airlock"]
+LABEL airlock.role=appliance
+HEALTHCHECK --interval=15s --timeout=10s --start-period=20s --retries=3 CMD ["airlock", "health"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/airlock-entrypoint"]
+CMD ["supervisord", "-n", "-c", "/etc/airlock/supervisord.conf"]

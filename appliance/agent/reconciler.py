@@ -1,0 +1,168 @@
+"""One reconcile pass: make the code servers on this engine match the desired locations.
+
+Steps, each idempotent: ensure each location's internal network (appliance attached as the egress
+proxy), compute each hardened spec, plan keep/create/remove against what Docker reports, act, probe
+health over gRPC, publish status and egress routes. Failures are per location and retried with
+backoff; a location in ERROR is retried, never pinned there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from docker.models.containers import Container
+
+from appliance import labels
+from appliance.agent import health
+from appliance.agent.backoff import Backoff
+from appliance.agent.plan import Observed, plan
+from appliance.agent.routes import render_routes, write_routes
+from appliance.agent.status import ApplianceStatus, LocationStatus, State, now
+from appliance.launcher.engine import Engine, LauncherError
+from appliance.launcher.spec import ContainerSpec, code_server_spec, network_name
+from appliance.policy import Location, Policy
+from protocol.dagster_grpc import DEFAULT_PORT
+
+log = logging.getLogger("airlock.agent")
+STARTUP_GRACE_SECONDS = 180.0  # a code server may take this long to answer its first ping
+
+
+def observe(container: Container) -> Observed:
+    state = container.attrs.get("State") or {}
+    return Observed(
+        id=container.id,
+        name=container.name,
+        location=container.labels.get(labels.LOCATION, ""),
+        spec_hash=container.labels.get(labels.SPEC_HASH, ""),
+        state=state.get("Status", container.status),
+        health=(state.get("Health") or {}).get("Status"),
+    )
+
+
+@dataclass
+class Reconciler:
+    engine: Engine
+    policy: Policy
+    appliance_container: str
+    egress_routes: str
+    egress_port: int
+    backoff: Backoff = field(default_factory=Backoff)
+    statuses: dict[str, LocationStatus] = field(default_factory=dict)
+    _known: set[str] = field(default_factory=set)  # container ids this process has seen
+
+    def reconcile(self, locations: tuple[Location, ...]) -> ApplianceStatus:
+        desired = {loc.name: loc for loc in locations}
+        specs: dict[str, ContainerSpec] = {}
+        subnets: dict[str, list[str]] = {}
+        for name, location in desired.items():
+            try:
+                network = self.engine.ensure_network(network_name(self.engine.appliance_id, name), name)
+                self.engine.attach(network, self.appliance_container)
+                subnets[name] = self.engine.subnets(network)
+                image_id = self.engine.resolve_image(location.image)
+                specs[name] = code_server_spec(location, self.policy, appliance_id=self.engine.appliance_id,
+                                               image_id=image_id, egress_port=self.egress_port)
+            except LauncherError as exc:
+                self._set(name, State.ERROR, error=str(exc))
+                self.backoff.failed(name)
+        if write_routes(self.egress_routes, render_routes(subnets, desired)):
+            log.info("egress routes updated for %s", ", ".join(sorted(subnets)) or "no locations")
+
+        containers = {c.id: c for c in self.engine.containers(labels.ROLE_CODE_SERVER)}
+        observed = [observe(c) for c in containers.values()]
+        # A location whose spec could not be computed keeps whatever runs for it until it can be.
+        wanted = {name: spec.spec_hash for name, spec in specs.items()}
+        wanted |= {o.location: o.spec_hash for o in observed if o.location in desired and o.location not in specs}
+        result = plan(wanted, observed)
+
+        for stale in result.remove:
+            if stale.location not in desired:
+                reason = "orphan"
+            elif stale.spec_hash != wanted.get(stale.location):
+                reason = "spec changed"
+            else:
+                reason = f"{stale.state}/{stale.health or '-'}"
+                self._failed(stale.location, stale, containers[stale.id], f"code server {stale.state}"
+                             + (f" ({stale.health})" if stale.health else ""), desired[stale.location].image)
+            log.info("removing code server %s (%s)", stale.name, reason)
+            try:
+                self.engine.remove(containers[stale.id])
+            except LauncherError as exc:
+                log.warning("%s", exc)
+        for name, kept in result.keep.items():
+            if kept.id not in self._known:
+                log.info("adopted code server %s for %s (spec %s)", kept.name, name, kept.spec_hash)
+                self._known.add(kept.id)
+            self._probe(name, kept, desired[name].image)
+        for name in result.create:
+            if name in specs and self.backoff.ready(name):
+                self._create(specs[name], desired[name])
+        for name in list(self.statuses):
+            if name not in desired:
+                del self.statuses[name]
+        self._remove_orphan_networks(set(desired))
+        return ApplianceStatus(self.engine.appliance_id, now(), dict(self.statuses))
+
+    def _create(self, spec: ContainerSpec, location: Location) -> None:
+        try:
+            container = self.engine.start(spec)
+        except LauncherError as exc:
+            delay = self.backoff.failed(location.name)
+            log.warning("location %s: %s (retry in %.0f s)", location.name, exc, delay)
+            self._set(location.name, State.ERROR, error=str(exc))
+            return
+        self._known.add(container.id)
+        log.info("started code server %s for %s", spec.name, location.name)
+        self._set(location.name, State.LOADING, container=spec.name, container_id=container.id, image=location.image)
+
+    def _probe(self, name: str, kept: Observed, image: str) -> None:
+        previous = self.statuses.get(name)
+        if kept.state == "running":
+            result = health.ping(f"{kept.name}:{DEFAULT_PORT}", timeout=3.0)
+            if result.ok:
+                self.backoff.succeeded(name)
+                self._set(name, State.LOADED, container=kept.name, container_id=kept.id, image=image)
+                return
+            detail = result.detail
+        else:
+            detail = f"container is {kept.state}"
+        started = previous.since if previous and previous.container_id == kept.id else now()
+        if previous and previous.state is State.LOADED and previous.container_id == kept.id:
+            started = now()  # it was fine until now: a fresh grace period before calling it an error
+        if now() - started < STARTUP_GRACE_SECONDS:
+            self._set(name, State.LOADING, container=kept.name, container_id=kept.id, image=image,
+                      error=detail, since=started)
+            return
+        # Never answered within the grace period: report why and replace it, with backoff.
+        self._failed(name, kept, self.engine.client.containers.get(kept.id), detail, image)
+        try:
+            self.engine.remove(self.engine.client.containers.get(kept.id))
+        except LauncherError as exc:
+            log.warning("%s", exc)
+
+    def _failed(self, name: str, observed: Observed, container: Container, detail: str, image: str) -> None:
+        """Record ERROR with the container's last log lines (the Python traceback), and back off."""
+        tail = Engine.log_tail(container)
+        delay = self.backoff.failed(name)
+        self._set(name, State.ERROR, container=observed.name, container_id=observed.id, image=image,
+                  error=f"{detail}; retrying in {delay:.0f} s\n{tail}")
+
+    def _set(self, name: str, state: State, *, since: float | None = None, **fields: object) -> None:
+        previous = self.statuses.get(name)
+        changed = previous is None or previous.state is not state or previous.container_id != fields.get("container_id")
+        if since is None:
+            since = now() if changed or previous is None else previous.since
+        self.statuses[name] = LocationStatus(name=name, state=state, since=since, **fields)  # type: ignore[arg-type]
+        if changed:
+            log.info("location %s: %s%s", name, state.value, f" ({fields.get('error')})" if fields.get("error") else "")
+
+    def _remove_orphan_networks(self, desired: set[str]) -> None:
+        for network in self.engine.networks():
+            location = (network.attrs.get("Labels") or {}).get(labels.LOCATION)
+            if location not in desired:
+                log.info("removing network %s (location %s no longer desired)", network.name, location)
+                try:
+                    self.engine.remove_network(network, self.appliance_container)
+                except LauncherError as exc:
+                    log.warning("%s", exc)

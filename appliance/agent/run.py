@@ -1,0 +1,124 @@
+"""The agent's loop: load policy and locations, reconcile every few seconds, stop cleanly on a signal.
+
+Signals only set a flag (uvicorn's pattern); the current pass finishes, then the loop exits. Code
+servers keep running when the agent stops: the next agent adopts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import docker.errors
+
+from appliance import labels
+from appliance.agent.reconciler import Reconciler
+from appliance.agent.status import write_status
+from appliance.launcher.engine import Engine
+from appliance.logs import configure
+from appliance.policy import Location, Policy, PolicyError, load_locations, load_policy
+from appliance.settings import Settings
+
+log = logging.getLogger("airlock.agent")
+
+
+class LocationsFile:
+    """locations.yaml, re-read when it changes; a bad edit keeps the last good set and says why."""
+
+    def __init__(self, path: str, policy: Policy) -> None:
+        self.path, self.policy = Path(path), policy
+        self._stamp: tuple[float, int] | None = None
+        self.locations: tuple[Location, ...] = ()
+
+    def load(self) -> tuple[Location, ...]:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            if self._stamp is not None or not self.locations:
+                self._stamp, self.locations = None, ()
+            return self.locations
+        stamp = (stat.st_mtime, stat.st_size)
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self.locations = load_locations(self.path, self.policy)
+                log.info("locations: %s", ", ".join(loc.name for loc in self.locations) or "none")
+            except PolicyError as exc:
+                log.error("keeping the previous locations; %s", exc)
+        return self.locations
+
+
+def wait_for_docker(engine: Engine, stop: threading.Event, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            engine.client.ping()
+            return
+        except (docker.errors.DockerException, OSError) as exc:
+            if time.monotonic() > deadline or stop.is_set():
+                raise SystemExit(f"airlock agent: Docker (through sockguard) is not answering: {exc}") from None
+            stop.wait(1.0)
+
+
+def own_container_id(engine: Engine, hint: str) -> str:
+    """The appliance's full container id; it must carry airlock.role=appliance for sockguard to let it join."""
+    try:
+        container = engine.client.containers.get(hint)
+    except docker.errors.DockerException as exc:
+        raise SystemExit(
+            f"airlock agent: cannot find its own container {hint!r} ({exc}); start the appliance with "
+            f"--label {labels.ROLE}={labels.ROLE_APPLIANCE} and keep Docker's default hostname"
+        ) from None
+    if not labels.is_appliance(container.labels):
+        raise SystemExit(f"airlock agent: container {hint} lacks the label {labels.ROLE}={labels.ROLE_APPLIANCE}")
+    return str(container.id)
+
+
+def main() -> None:
+    configure("agent")
+    settings = Settings.from_env()
+    try:
+        policy = load_policy(settings.policy_dir)
+        locations = LocationsFile(settings.locations_file, policy)
+        if Path(settings.locations_file).exists():
+            load_locations(settings.locations_file, policy)  # refuse to start on a bad file
+    except PolicyError as exc:
+        print(f"airlock agent: refusing to start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %s: finishing this pass, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    engine = Engine.connect(settings.docker_host, settings.appliance_id)
+    wait_for_docker(engine, stop)
+    reconciler = Reconciler(
+        engine=engine,
+        policy=policy,
+        appliance_container=own_container_id(engine, settings.container_id),
+        egress_routes=settings.egress_routes,
+        egress_port=policy.egress.port,
+    )
+    log.info("agent %s running as uid %d, reconciling every %.0f s", settings.appliance_id, os.getuid(),
+             settings.reconcile_interval)
+    while not stop.is_set():
+        try:
+            write_status(settings.state_dir, reconciler.reconcile(locations.load()))
+        except (docker.errors.DockerException, OSError) as exc:
+            log.warning("reconcile pass failed, will retry: %s", exc)
+        stop.wait(settings.reconcile_interval)
+    log.info("agent stopped; code servers keep running and will be adopted")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""`airlock`: the appliance's command line (inside the appliance container: `docker exec APPLIANCE airlock …`)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import time
+from pathlib import Path
+
+from appliance.agent.status import State, read_status
+from appliance.policy import PolicyError, load_locations, load_policy
+from appliance.settings import Settings
+
+
+def cmd_check_config(settings: Settings, _args: argparse.Namespace) -> int:
+    """Validate policy and locations; the appliance refuses to start when this fails."""
+    try:
+        policy = load_policy(settings.policy_dir)
+        names: list[str] = []
+        if Path(settings.locations_file).exists():
+            names = [loc.name for loc in load_locations(settings.locations_file, policy)]
+    except PolicyError as exc:
+        print(f"airlock: configuration refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"airlock: policy ok ({settings.policy_dir}); locations: {', '.join(names) or 'none'}")
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.timeout
+    while True:
+        status = read_status(settings.state_dir)
+        ready = status is not None and status.locations and all(
+            s.state.value == args.wait for s in status.locations.values()
+        )
+        if not args.wait or ready or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if status is None:
+        print("airlock: no status yet (is the agent running?)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(status.to_json())
+    else:
+        print(f"appliance {status.appliance_id}  (updated {time.time() - status.updated:.0f} s ago)")
+        for s in status.locations.values():
+            print(f"  {s.name:20} {s.state.value:8} {s.container or '-'}")
+            if s.error and s.state is not State.LOADED:
+                for line in s.error.splitlines()[-12:]:
+                    print(f"      {line}")
+    return 0 if not args.wait or ready else 1
+
+
+def cmd_ping(settings: Settings, args: argparse.Namespace) -> int:
+    from appliance.agent.health import ping
+    from protocol.dagster_grpc import DEFAULT_PORT
+
+    status = read_status(settings.state_dir)
+    location = status.locations.get(args.location) if status else None
+    if location is None or not location.container:
+        print(f"airlock: location {args.location!r} has no code server (see `airlock status`)", file=sys.stderr)
+        return 1
+    worst = 0
+    for _ in range(args.count):
+        result = ping(f"{location.container}:{DEFAULT_PORT}", timeout=args.timeout)
+        print(f"{args.location}: Ping via gRPC -> {'answered' if result.ok else 'FAILED'} "
+              f"in {result.latency_ms:.1f} ms ({result.detail})")
+        worst = worst or (0 if result.ok else 1)
+    return worst
+
+
+def cmd_health(settings: Settings, _args: argparse.Namespace) -> int:
+    """The image's HEALTHCHECK: sockguard answers, the egress proxy listens, the agent reports."""
+    problems = []
+    sock_path = settings.docker_host.removeprefix("unix://")
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(3)
+            s.connect(sock_path)
+            s.sendall(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+            if b" 200 " not in s.recv(128):
+                problems.append("sockguard did not answer /_ping with 200")
+    except OSError as exc:
+        problems.append(f"sockguard: {exc}")
+    try:
+        socket.create_connection(("127.0.0.1", settings.egress_port), timeout=3).close()
+    except OSError as exc:
+        problems.append(f"egress proxy: {exc}")
+    status = read_status(settings.state_dir)
+    if status is None or time.time() - status.updated > 120:
+        problems.append("agent: no status written in the last 120 s")
+    for problem in problems:
+        print(f"unhealthy: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
+    from appliance.doctor import run_doctor
+
+    return run_doctor(settings, probe_image=args.probe_image, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="airlock", description="airlock appliance")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check-config", help="validate policy/*.yaml and locations.yaml").set_defaults(func=cmd_check_config)
+    p = sub.add_parser("status", help="code locations and their state")
+    p.add_argument("--wait", choices=[s.value for s in State], help="wait until every location is in this state")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("ping", help="Dagster gRPC Ping a location's code server")
+    p.add_argument("location")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_ping)
+    sub.add_parser("health", help="container health check").set_defaults(func=cmd_health)
+    p = sub.add_parser("doctor", help="what this Docker engine enforces, checked by a probe container")
+    p.add_argument("--probe-image", help="image for the probe container (default: the first location's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"airlock: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(args.func(settings, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Policy as data: versioned YAML files -> validated, immutable model. See policy/*.yaml."""
+
+from appliance.policy.errors import PolicyError
+from appliance.policy.loader import canonical_seccomp, load_locations, load_policy
+from appliance.policy.model import (
+    Bounds,
+    EgressAllow,
+    EgressPolicy,
+    Hardening,
+    HostPort,
+    ImagePolicy,
+    Limits,
+    Location,
+    Policy,
+)
+
+__all__ = [
+    "Bounds",
+    "EgressAllow",
+    "EgressPolicy",
+    "Hardening",
+    "HostPort",
+    "ImagePolicy",
+    "Limits",
+    "Location",
+    "Policy",
+    "PolicyError",
+    "canonical_seccomp",
+    "load_locations",
+    "load_policy",
+]

@@ -1,0 +1,265 @@
+"""Load policy/*.yaml and locations.yaml into the immutable model. A bad file never goes live.
+
+Every problem raises PolicyError(file, field, message); unknown fields are refused so a typo cannot
+silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from appliance.policy.errors import PolicyError
+from appliance.policy.fields import Fields
+from appliance.policy.model import (
+    Bounds,
+    EgressAllow,
+    EgressPolicy,
+    Hardening,
+    HostPort,
+    ImagePolicy,
+    Limits,
+    Location,
+    Policy,
+)
+
+SUPPORTED_VERSION = 1
+LOCATION_NAME = r"[a-z0-9][a-z0-9_-]{0,40}"
+_USER = re.compile(r"^(\d+)(?::(\d+))?$")
+_HOSTPORT = re.compile(r"^(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*|\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5}|\*)$")
+_PYTHON_NAME = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+_ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+# Env names the launcher sets itself; a location must not override them.
+_RESERVED_ENV = {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "DAGSTER_HOME"}
+# A location may not hand its code these: they would smuggle credentials or loosen the sandbox.
+_FORBIDDEN_ENV_PREFIXES = ("AIRLOCK_", "DOCKER_")
+
+
+def read_yaml(path: Path) -> Fields:
+    file = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(file, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PolicyError(file, where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    fields = Fields(file, data if data is not None else {})
+    version = fields.raw("version", required=True)
+    if version != SUPPORTED_VERSION:
+        raise fields.error("version", f"unsupported version {version!r}; this airlock reads {SUPPORTED_VERSION}")
+    return fields
+
+
+def load_policy(directory: str | os.PathLike[str]) -> Policy:
+    """Read hardening.yaml, images.yaml and egress.yaml (and the seccomp profile) from one directory."""
+    root = Path(directory)
+    hardening, bounds = _load_hardening(root / "hardening.yaml", root)
+    policy = Policy(
+        hardening=hardening,
+        bounds=bounds,
+        images=_load_images(root / "images.yaml"),
+        egress=_load_egress(root / "egress.yaml"),
+        directory=str(root),
+    )
+    _check_defaults_within_bounds(root / "hardening.yaml", policy)
+    return policy
+
+
+def _load_hardening(path: Path, root: Path) -> tuple[Hardening, Bounds]:
+    f = read_yaml(path)
+    d = f.child("defaults")
+    user = d.str("user")
+    m = _USER.match(user)
+    if not m or int(m.group(1)) == 0 or (m.group(2) is not None and int(m.group(2)) == 0):
+        raise d.error("user", f"must be a numeric non-root 'uid:gid' like '10001:10001', got {user!r}")
+    limits = _limits(d.child("limits"))
+    tmpfs_fields = d.child("tmpfs")
+    tmpfs = []
+    for mount in tmpfs_fields.data:
+        options = tmpfs_fields.str(str(mount))
+        if not str(mount).startswith("/") or ".." in str(mount):
+            raise tmpfs_fields.error(str(mount), "tmpfs mount point must be an absolute path without '..'")
+        if "exec" in options.split(",") or "suid" in options.split(","):
+            raise tmpfs_fields.error(str(mount), "tmpfs may not be mounted exec or suid")
+        tmpfs.append((str(mount), options))
+    tmpfs_fields.done()
+    log = d.child("log")
+    log_max_size = log.str("max_size", pattern=r"\d+[kmg]")
+    log_max_file = log.int("max_file", minimum=1)
+    log.done()
+    seccomp_name = d.str("seccomp", pattern=r"[A-Za-z0-9_.-]+\.json")
+    seccomp_path = root / seccomp_name
+    seccomp_profile = _load_seccomp(seccomp_path)
+    runtime = d.str("runtime", "runc")
+    restart = d.int("restart_max_retries", 5, minimum=0)
+    d.done()
+
+    b = f.child("bounds")
+    bounds = Bounds(
+        memory_max=b.size("memory_max"),
+        cpus_max=b.number("cpus_max", minimum=0),
+        pids_max=b.int("pids_max", minimum=1),
+        runtimes=b.str_list("runtimes"),
+    )
+    b.done()
+    if runtime not in bounds.runtimes:
+        raise d.error("runtime", f"{runtime!r} is not in bounds.runtimes {list(bounds.runtimes)}")
+    f.done()
+    return (
+        Hardening(
+            user=user,
+            limits=limits,
+            tmpfs=tuple(tmpfs),
+            runtime=runtime,
+            log_max_size=log_max_size,
+            log_max_file=log_max_file,
+            restart_max_retries=restart,
+            seccomp_profile=seccomp_profile,
+            seccomp_file=str(seccomp_path),
+        ),
+        bounds,
+    )
+
+
+def _load_seccomp(path: Path) -> str:
+    try:
+        profile = json.loads(path.read_text())
+    except OSError as exc:
+        raise PolicyError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise PolicyError(str(path), f"line {exc.lineno}", f"not valid JSON: {exc.msg}") from None
+    if not isinstance(profile, dict) or profile.get("defaultAction") not in {"SCMP_ACT_ERRNO", "SCMP_ACT_KILL"}:
+        raise PolicyError(str(path), "defaultAction", "must deny by default (SCMP_ACT_ERRNO or SCMP_ACT_KILL)")
+    if not isinstance(profile.get("syscalls"), list):
+        raise PolicyError(str(path), "syscalls", "must be a list of rules")
+    return canonical_seccomp(profile)
+
+
+def canonical_seccomp(profile: Any) -> str:
+    """The one JSON text of a profile that the launcher sends and sockguard compares against."""
+    return json.dumps(profile, sort_keys=True, separators=(",", ":"))
+
+
+def _limits(f: Fields, base: Limits | None = None) -> Limits:
+    limits = Limits(
+        memory=f.size("memory", base.memory if base else ...),
+        cpus=f.number("cpus", base.cpus if base else ..., minimum=0),
+        pids=f.int("pids", base.pids if base else ..., minimum=8),
+    )
+    f.done()
+    return limits
+
+
+def _check_defaults_within_bounds(path: Path, policy: Policy) -> None:
+    problem = limits_problem(policy.hardening.limits, policy.bounds)
+    if problem:
+        field, message = problem
+        raise PolicyError(str(path), f"defaults.limits.{field}", message)
+
+
+def limits_problem(limits: Limits, bounds: Bounds) -> tuple[str, str] | None:
+    """The first limit above its bound, as (field, message), or None."""
+    if limits.memory > bounds.memory_max:
+        return "memory", f"{limits.memory} bytes is above bounds.memory_max ({bounds.memory_max})"
+    if limits.cpus > bounds.cpus_max:
+        return "cpus", f"{limits.cpus} is above bounds.cpus_max ({bounds.cpus_max})"
+    if limits.pids > bounds.pids_max:
+        return "pids", f"{limits.pids} is above bounds.pids_max ({bounds.pids_max})"
+    return None
+
+
+def _load_images(path: Path) -> ImagePolicy:
+    f = read_yaml(path)
+    allow_pull = f.bool("allow_pull", False)
+    names: list[str] = []
+    digests: list[str] = []
+    for entry in f.children("allow", []):
+        if entry.has("digest"):
+            digests.append(entry.str("digest", pattern=r"sha256:[0-9a-f]{64}"))
+        else:
+            names.append(entry.str("name", pattern=r"[a-z0-9][a-z0-9._/*-]*"))
+        entry.done()
+    f.done()
+    return ImagePolicy(allow_pull=allow_pull, names=tuple(names), digests=tuple(digests))
+
+
+def _load_egress(path: Path) -> EgressPolicy:
+    f = read_yaml(path)
+    port = f.int("port", 3128, minimum=1)
+    timeout = f.number("connect_timeout_seconds", 10.0, minimum=0)
+    deny = []
+    for entry in f.children("always_deny"):
+        reason = entry.str("reason")
+        deny.extend((cidr, reason) for cidr in entry.cidrs("cidrs"))
+        entry.done()
+    f.done()
+    return EgressPolicy(port=port, always_deny=tuple(deny), connect_timeout=timeout)
+
+
+def load_locations(path: str | os.PathLike[str], policy: Policy) -> tuple[Location, ...]:
+    """Read locations.yaml; resources may tighten the policy defaults and loosen them only within bounds."""
+    f = read_yaml(Path(path))
+    seen: set[str] = set()
+    locations = []
+    for entry in f.children("locations"):
+        location = _location(entry, policy)
+        if location.name in seen:
+            raise entry.error("name", f"duplicate location name {location.name!r}")
+        seen.add(location.name)
+        locations.append(location)
+    f.done()
+    return tuple(locations)
+
+
+def _location(f: Fields, policy: Policy) -> Location:
+    name = f.str("name", pattern=LOCATION_NAME)
+    image = f.str("image", pattern=r"[A-Za-z0-9][A-Za-z0-9._/:@-]*")
+    module = f.str("module", None, pattern=_PYTHON_NAME)
+    package = f.str("package", None, pattern=_PYTHON_NAME)
+    if (module is None) == (package is None):
+        raise f.error("module", "give exactly one of 'module' or 'package'")
+    env = f.str_map("env", {})
+    for key in env:
+        if not re.fullmatch(_ENV_NAME, key):
+            raise f.error(f"env.{key}", "not a valid environment variable name")
+        if key in _RESERVED_ENV or key.startswith(_FORBIDDEN_ENV_PREFIXES):
+            raise f.error(f"env.{key}", "is reserved: the launcher sets it, or it would cross the trust boundary")
+    limits = _limits(f.child("resources", {}), base=policy.hardening.limits)
+    problem = limits_problem(limits, policy.bounds)
+    if problem:
+        raise f.error(f"resources.{problem[0]}", problem[1] + " — a location may only loosen within bounds")
+    runtime = f.str("runtime", policy.hardening.runtime)
+    if runtime not in policy.bounds.runtimes:
+        raise f.error("runtime", f"{runtime!r} is not allowed; bounds.runtimes is {list(policy.bounds.runtimes)}")
+    e = f.child("egress", {})
+    hosts = []
+    for i, item in enumerate(e.str_list("allow", [])):
+        m = _HOSTPORT.match(item.lower())
+        if not m:
+            raise e.error(f"allow[{i}]", f"{item!r} is not 'host:port' (a '*.' prefix and port '*' are allowed)")
+        port = None if m.group(3) == "*" else int(m.group(3))
+        if port is not None and not 0 < port < 65536:
+            raise e.error(f"allow[{i}]", f"port {port} is out of range")
+        hosts.append(HostPort(host=(m.group(1) or "") + m.group(2), port=port))
+    cidrs = e.cidrs("allow_cidrs", [])
+    e.done()
+    f.done()
+    return Location(
+        name=name,
+        image=image,
+        module=module,
+        package=package,
+        env=tuple(sorted(env.items())),
+        limits=limits,
+        egress=EgressAllow(hosts=tuple(hosts), cidrs=cidrs),
+        runtime=runtime,
+    )

@@ -1,0 +1,128 @@
+"""The runtime policy: immutable values built only by the loader, after validation."""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one container."""
+
+    memory: int  # bytes
+    cpus: float
+    pids: int
+
+    @property
+    def nano_cpus(self) -> int:
+        return int(self.cpus * 1e9)
+
+
+@dataclass(frozen=True)
+class Hardening:
+    """What every user container gets (policy/hardening.yaml `defaults`)."""
+
+    user: str
+    limits: Limits
+    tmpfs: tuple[tuple[str, str], ...]  # (mount point, mount options)
+    runtime: str
+    log_max_size: str
+    log_max_file: int
+    restart_max_retries: int
+    seccomp_profile: str  # the profile's JSON text, as sent to Docker
+    seccomp_file: str
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How far a location may loosen the defaults (policy/hardening.yaml `bounds`)."""
+
+    memory_max: int
+    cpus_max: float
+    pids_max: int
+    runtimes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Which images user containers may run (policy/images.yaml)."""
+
+    allow_pull: bool
+    names: tuple[str, ...]  # repository globs, e.g. "airlock/example-location"
+    digests: tuple[str, ...]  # "sha256:..." image ids or repo digests
+
+    def decide(self, image_id: str, repo_tags: tuple[str, ...], repo_digests: tuple[str, ...]) -> tuple[bool, str]:
+        """Allow an image if its id or a repo digest is listed, or a repository matches a name glob."""
+        known = set(self.digests)
+        if image_id in known:
+            return True, f"image id {image_id} is in the digest allowlist"
+        for digest in repo_digests:
+            if digest.rsplit("@", 1)[-1] in known:
+                return True, f"repo digest {digest} is in the digest allowlist"
+        for tag in repo_tags:
+            repository = tag.rsplit(":", 1)[0] if ":" in tag.rsplit("/", 1)[-1] else tag
+            for pattern in self.names:
+                if fnmatch.fnmatchcase(repository, pattern):
+                    return True, f"repository {repository} matches allowlist entry {pattern!r}"
+        return False, f"image {image_id} ({', '.join(repo_tags) or 'untagged'}) is not in policy/images.yaml"
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """Global egress rules (policy/egress.yaml); per-location allowlists live in locations.yaml."""
+
+    port: int
+    always_deny: tuple[tuple[IPNetwork, str], ...]  # (network, reason); refused unless a location allows it
+    connect_timeout: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    hardening: Hardening
+    bounds: Bounds
+    images: ImagePolicy
+    egress: EgressPolicy
+    directory: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """One egress allowlist entry: a host (or ``*.suffix`` glob) and a port (``*`` for any)."""
+
+    host: str
+    port: int | None
+
+    def matches(self, host: str, port: int) -> bool:
+        host = host.lower().rstrip(".")
+        if self.port is not None and port != self.port:
+            return False
+        if self.host.startswith("*."):
+            return host.endswith(self.host[1:])
+        return host == self.host
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port if self.port is not None else '*'}"
+
+
+@dataclass(frozen=True)
+class EgressAllow:
+    hosts: tuple[HostPort, ...] = ()
+    cidrs: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class Location:
+    """A code location as the operator declared it (locations.yaml or, later, the control plane)."""
+
+    name: str
+    image: str
+    module: str | None
+    package: str | None
+    env: tuple[tuple[str, str], ...]
+    limits: Limits
+    egress: EgressAllow
+    runtime: str

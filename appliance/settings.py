@@ -1,0 +1,40 @@
+"""The appliance's settings: environment variables -> one frozen Settings value."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    appliance_id: str
+    docker_host: str  # the agent's Docker endpoint: sockguard's filtered socket
+    policy_dir: str
+    locations_file: str
+    state_dir: str
+    egress_routes: str
+    egress_port: int
+    container_id: str  # this appliance's own container (Docker sets HOSTNAME to its short id)
+    reconcile_interval: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        appliance_id = env.get("AIRLOCK_APPLIANCE_ID", "default")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", appliance_id):
+            raise ValueError(f"AIRLOCK_APPLIANCE_ID={appliance_id!r}: use 1-31 of a-z, 0-9 and '-'")
+        return cls(
+            appliance_id=appliance_id,
+            docker_host=env.get("AIRLOCK_DOCKER_HOST", "unix:///run/airlock/sockguard/docker.sock"),
+            policy_dir=env.get("AIRLOCK_POLICY_DIR", "/etc/airlock/policy"),
+            locations_file=env.get("AIRLOCK_LOCATIONS", "/etc/airlock/locations.yaml"),
+            state_dir=env.get("AIRLOCK_STATE_DIR", "/var/lib/airlock"),
+            egress_routes=env.get("AIRLOCK_EGRESS_ROUTES", "/run/airlock/egress/routes.json"),
+            egress_port=int(env.get("AIRLOCK_EGRESS_PORT", "3128")),
+            container_id=env.get("AIRLOCK_CONTAINER_ID") or env.get("HOSTNAME") or socket.gethostname(),
+            reconcile_interval=float(env.get("AIRLOCK_RECONCILE_INTERVAL", "5")),
+        )

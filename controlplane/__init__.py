@@ -1,0 +1,1 @@
+"""The hosted side: agent API gateway, request queue, gRPC relay, HybridRunLauncher (see DESIGN.md)."""

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install what the host needs to build images and run the tests: debootstrap (Debian package) and the
+# hash-locked Python test requirements. Idempotent; fast when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v debootstrap >/dev/null; then
+  echo "[setup] installing debootstrap"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+fi
+if ! docker info >/dev/null 2>&1; then
+  echo "[setup] the Docker engine is not reachable (is dockerd running, and may this user use it?)" >&2
+  exit 2
+fi
+stamp=.cache/dev-requirements.$(sha256sum requirements/dev.lock | cut -c1-16)
+if [ ! -e "$stamp" ]; then
+  echo "[setup] installing the host's Python requirements (requirements/dev.lock)"
+  python3 -m pip install -q --require-hashes -r requirements/dev.lock
+  mkdir -p .cache && touch "$stamp"
+fi
