@@ -20,11 +20,9 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
+from scripts.quickstart import appliance_run_kwargs
+
 ROOT = Path(__file__).resolve().parent.parent
-SOCKET = "/var/run/docker.sock"
-# The capabilities the appliance container keeps: supervisord (root) starts each program under its
-# own uid (SETUID/SETGID), signals them (KILL) and prepares its directories (CHOWN/FOWNER).
-APPLIANCE_CAPS = ["CHOWN", "FOWNER", "SETUID", "SETGID", "KILL"]
 
 
 @cache
@@ -52,6 +50,7 @@ class Appliance:
     image: str
     container: Container | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_volumes: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -70,24 +69,14 @@ class Appliance:
         self.locations_file.chmod(0o644)
 
     def start(self) -> Container:
-        self.container = self.docker.containers.run(
-            self.image,
-            name=self.name,
-            detach=True,
-            labels={"airlock.role": "appliance", "airlock.test-run": self.appliance_id},
-            environment={"AIRLOCK_APPLIANCE_ID": self.appliance_id, "AIRLOCK_RECONCILE_INTERVAL": "2",
-                         **self.extra_env},
-            volumes={
-                SOCKET: {"bind": SOCKET, "mode": "rw"},
-                self.volume: {"bind": "/var/lib/airlock", "mode": "rw"},
-                str(self.locations_file): {"bind": "/etc/airlock/locations.yaml", "mode": "ro"},
-            },
-            cap_drop=["ALL"],
-            cap_add=APPLIANCE_CAPS,
-            security_opt=["no-new-privileges:true"],
-            read_only=True,
-            tmpfs={"/run": "rw,nosuid,nodev,mode=0755", "/tmp": "rw,nosuid,nodev"},
+        kwargs = appliance_run_kwargs(
+            self.image, name=self.name, appliance_id=self.appliance_id, locations_file=self.locations_file,
+            labels={"airlock.test-run": self.appliance_id},
+            env={"AIRLOCK_RECONCILE_INTERVAL": "2", **self.extra_env},
         )
+        kwargs.pop("restart_policy")
+        kwargs["volumes"].update(self.extra_volumes)
+        self.container = self.docker.containers.run(**kwargs)
         return self.container
 
     def exec(self, *cmd: str, user: str = "", timeout: float = 120) -> tuple[int, str]:

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import json
 import os
+import socket
 
 libc = ctypes.CDLL(None, use_errno=True)
 SYS_KEYCTL, SYS_UNSHARE, SYS_IO_URING_SETUP = 250, 272, 425  # x86_64
@@ -46,11 +47,30 @@ def root_writable():
         return exc.errno not in (errno.EROFS, errno.EACCES)
 
 
-def default_route():
+def gateway():
     with open("/proc/net/route") as f:
-        return any(line.split()[1] == "00000000" for line in list(f)[1:] if len(line.split()) > 1)
+        for line in list(f)[1:]:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == "00000000":
+                return socket.inet_ntoa(bytes.fromhex(fields[2])[::-1])
+    return None
 
 
+def reach(address, port=9):
+    """(reachable, what happened): a refused connection still proves the host answered."""
+    if address is None:
+        return False, "no default route"
+    try:
+        socket.create_connection((address, port), timeout=4).close()
+        return True, "connected"
+    except ConnectionRefusedError:
+        return True, "connection refused (the host answered)"
+    except OSError as exc:
+        return False, errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+gw = gateway()
+gateway_reachable, gateway_result = reach(gw)
 memory = read_first("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 print(json.dumps({
     "uid": os.getuid(),
@@ -66,6 +86,8 @@ print(json.dumps({
     "pids_limit": read_first("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
     "apparmor": read_first("/proc/self/attr/apparmor/current", "/proc/self/attr/current"),
     "uid_map": read_first("/proc/self/uid_map"),
-    "default_route": default_route(),
+    "gateway": gw,
+    "gateway_reachable": gateway_reachable,
+    "gateway_result": gateway_result,
     "kernel": read_first("/proc/version"),
 }))

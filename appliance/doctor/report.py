@@ -19,7 +19,7 @@ import docker
 import docker.errors
 
 from appliance import labels
-from appliance.launcher.engine import Engine, LauncherError
+from appliance.launcher.engine import NETWORK_OPTIONS, Engine, LauncherError
 from appliance.launcher.spec import hardened_kwargs
 from appliance.policy import Policy, PolicyError, load_locations, load_policy
 from appliance.settings import Settings
@@ -77,8 +77,8 @@ def probe_checks(found: dict[str, Any], policy: Policy) -> list[Check]:
               f"{memory} (policy {limits.memory})"),
         Check("pids limit (cgroup)", True, str(found.get("pids_limit")) == str(limits.pids),
               f"{found.get('pids_limit')} (policy {limits.pids})"),
-        Check("internal network (no default route)", True, found.get("default_route") is False,
-              "no default route" if found.get("default_route") is False else "a default route exists"),
+        Check("host unreachable from the location network", True, found.get("gateway_reachable") is False,
+              f"gateway {found.get('gateway')}: {found.get('gateway_result')}"),
         Check("AppArmor confinement of the probe", False, bool(found.get("apparmor"))
               and found.get("apparmor") != "unconfined", str(found.get("apparmor"))),
     ]
@@ -88,9 +88,9 @@ def run_probe(engine: Engine, policy: Policy, image: str, appliance_id: str) -> 
     """Start a probe exactly as user code is started (hardened spec, internal network) and read its report."""
     suffix = uuid.uuid4().hex[:8]
     network = engine.client.networks.create(
-        f"airlock-{appliance_id}-doctor-{suffix}", driver="bridge", internal=True,
-        labels={labels.MANAGED: "true", labels.ROLE: labels.ROLE_NETWORK, labels.APPLIANCE_ID: appliance_id,
-                labels.LOCATION: "doctor"},
+        f"airlock-{appliance_id}-doctor-{suffix}", driver="bridge", internal=True, options=NETWORK_OPTIONS,
+        # role "probe", not "network": the agent removes location networks it does not expect.
+        labels={labels.MANAGED: "true", labels.ROLE: labels.ROLE_PROBE, labels.APPLIANCE_ID: appliance_id},
     )
     container = None
     try:

@@ -18,6 +18,7 @@ from appliance import labels
 from appliance.launcher.spec import EGRESS_ALIAS, ContainerSpec
 
 log = logging.getLogger("airlock.launcher")
+NETWORK_OPTIONS = {"com.docker.network.bridge.inhibit_ipv4": "true"}
 
 
 class LauncherError(RuntimeError):
@@ -57,7 +58,12 @@ class Engine:
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, name: str, location: str) -> Network:
-        """One `internal: true` network per location: no route out except through the appliance."""
+        """One network per location with no way out except through the appliance.
+
+        `internal: true` stops forwarding beyond the subnet, but on its own still lets containers reach
+        the host itself at the bridge's gateway address (any service listening on 0.0.0.0). The bridge
+        therefore gets no IPv4 address at all (`inhibit_ipv4`): the host is unreachable from the network.
+        """
         try:
             found = self.client.networks.list(names=[name], filters=self._owned_filter(labels.ROLE_NETWORK))
             exact = [n for n in found if n.name == name]
@@ -69,6 +75,7 @@ class Engine:
                 driver="bridge",
                 internal=True,
                 check_duplicate=True,
+                options=NETWORK_OPTIONS,
                 labels={
                     labels.MANAGED: "true",
                     labels.ROLE: labels.ROLE_NETWORK,
@@ -105,7 +112,7 @@ class Engine:
 
     @staticmethod
     def subnets(network: Network) -> list[str]:
-        network.reload()
+        """The network's subnets, from attributes already loaded (attach() reloads them)."""
         return [c["Subnet"] for c in (network.attrs.get("IPAM") or {}).get("Config") or [] if c.get("Subnet")]
 
     # -- containers -------------------------------------------------------------------------------

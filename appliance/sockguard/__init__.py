@@ -8,13 +8,22 @@ listens on a unix socket, and forwards only what policy/sockguard.yaml allows an
 - ``rules``: pure decisions (look-ups of the real engine go through ``Lookups``, faked in tests);
 - ``app``: the asyncio/h11 server and the forwarding; ``python -m appliance.sockguard`` runs it.
 
-This module holds only the small vocabulary shared by rules and app; it imports neither.
+This module holds the vocabulary shared by rules and app (and the allowlist table); it imports neither.
 """
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
+
+from appliance.policy.loader import read_yaml
+
+# {id}: a container or network id or name; {name}: an image reference (may hold '/', ':' and '@').
+_PLACEHOLDERS = {"{id}": r"(?P<id>[A-Za-z0-9][A-Za-z0-9_.-]*)", "{name}": r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.:/@-]*)"}
 
 
 @dataclass(frozen=True)
@@ -67,4 +76,45 @@ class Decision:
         }
 
 
-__all__ = ["Decision", "Found", "ImageInfo", "Lookups"]
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    regex: re.Pattern[str]
+    check: str | None
+
+
+@dataclass(frozen=True)
+class Table:
+    """policy/sockguard.yaml: the endpoint allowlist and the oldest API version accepted."""
+
+    endpoints: tuple[Endpoint, ...]
+    min_api: tuple[int, int]
+
+    def match(self, method: str, path: str) -> tuple[Endpoint, re.Match[str]] | None:
+        for endpoint in self.endpoints:
+            m = endpoint.regex.fullmatch(path)
+            if m and endpoint.method == method:
+                return endpoint, m
+        return None
+
+
+def load_table(directory: str | os.PathLike[str], checks: Collection[str]) -> Table:
+    """Read policy/sockguard.yaml; ``checks`` are the scope rules rules.py implements (rules.CHECKS)."""
+    f = read_yaml(Path(directory) / "sockguard.yaml")
+    major, minor = f.str("min_api_version", pattern=r"\d+\.\d+").split(".")
+    endpoints = []
+    for e in f.children("endpoints"):
+        method = e.str("method", pattern="GET|HEAD|POST|PUT|DELETE")
+        path = e.str("path", pattern=r"(/([A-Za-z0-9_.-]+|\{id\}|\{name\}))+")
+        check = e.str("check", None)
+        if check is not None and check not in checks:
+            raise e.error("check", f"unknown check {check!r}; known: {', '.join(sorted(checks))}")
+        regex = "".join(_PLACEHOLDERS.get(p, re.escape(p)) for p in re.split(r"(\{id\}|\{name\})", path))
+        endpoints.append(Endpoint(method, path, re.compile(regex), check))
+        e.done()
+    f.done()
+    return Table(endpoints=tuple(endpoints), min_api=(int(major), int(minor)))
+
+
+__all__ = ["Decision", "Endpoint", "Found", "ImageInfo", "Lookups", "Table", "load_table"]

@@ -20,11 +20,6 @@ import h11
 MAX_BODY = 1 << 20  # bigger create bodies are not something the agent sends: refuse with 413
 _VERSION = re.compile(r"^/v(\d+)\.(\d+)(?=/|$)")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9/_.:@+-]*$")
-# Hop-by-hop and upgrade headers: never forwarded; an Upgrade request is a hijack and is refused.
-HOP_BY_HOP = frozenset(
-    b"connection keep-alive proxy-connection proxy-authorization proxy-authenticate te trailer "
-    b"transfer-encoding upgrade expect host content-length".split()
-)
 
 
 class Refusal(Exception):
@@ -90,6 +85,21 @@ def normalize_target(raw: bytes) -> Target:
     return Target(version=version, path=path, query=tuple(query))
 
 
+def with_label_filter(target: Target, label: str) -> list[tuple[str, str]]:
+    """The query with ``label`` added to `filters`: Docker ANDs label filters, so this only narrows a listing."""
+    raw = target.param("filters")
+    try:
+        filters = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        raise Refusal("query", "filters is not JSON") from None
+    labels = filters.get("label", []) if isinstance(filters, dict) else None
+    labels = list(labels) if isinstance(labels, dict) else labels  # the legacy {"k=v": true} form
+    if not isinstance(labels, list) or not all(isinstance(item, str) for item in labels):
+        raise Refusal("query", "filters must be a JSON object whose label is a list of strings")
+    filters["label"] = [*labels, label]
+    return [(k, v) for k, v in target.query if k != "filters"] + [("filters", json.dumps(filters))]
+
+
 def check_headers(headers: Iterable[tuple[bytes, bytes]]) -> None:
     """Refuse connection upgrades (attach/exec hijacks) and bodies sockguard cannot read as sent."""
     for name, value in headers:
@@ -142,11 +152,11 @@ class JsonObject:
     def names(self) -> list[str]:
         return [key for key, value in self.fields.values() if value is not None]
 
-    def _typed(self, key: str, types: type | tuple[type, ...], what: str, default: Any) -> Any:
+    def _typed(self, key: str, kind: type, what: str, default: Any) -> Any:
         value = self.get(key)
         if value is None:
             return default
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise Refusal("body", f"{self.where}.{key} must be {what}")
         return value
 
@@ -184,10 +194,6 @@ class JsonObject:
         return value
 
 
-def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
-    return types if isinstance(types, tuple) else (types,)
-
-
 def _no_constant(name: str) -> Any:
     raise Refusal("body", f"{name} is not JSON")
 
@@ -200,6 +206,8 @@ def decode_object(body: bytes) -> JsonObject:
         raise Refusal("body", "request body is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise Refusal("body", f"request body is not JSON: {exc.msg}") from None
+    except RecursionError:
+        raise Refusal("body", "request body is nested too deeply") from None
     if not isinstance(value, JsonObject):
         raise Refusal("body", "request body must be a JSON object")
     return value
@@ -270,14 +278,18 @@ def decode_create(body: bytes) -> CreateBody:
     return CreateBody(config=config, host=host, endpoints=endpoints)
 
 
-def split_security_opt(option: str) -> tuple[str, str]:
-    """Split one SecurityOpt entry exactly as dockerd 20.10 does ('=' first, then the legacy ':')."""
-    if option in {"no-new-privileges", "disable"}:
-        return (option, "true") if option == "no-new-privileges" else ("label", "disable")
-    if "=" in option:
-        key, _, value = option.partition("=")
-    elif ":" in option:
-        key, _, value = option.partition(":")
-    else:
-        raise Refusal("security-opt", f"SecurityOpt entry {option[:40]!r} is not key=value")
-    return key, value
+def security_opts(host: JsonObject) -> dict[str, str]:
+    """HostConfig.SecurityOpt as dockerd 20.10 splits it ('=' first, then legacy ':'); no repeats, no unknowns."""
+    opts: dict[str, str] = {}
+    for option in host.strs("SecurityOpt"):
+        key, value = ("label", "disable") if option == "disable" else (option, "true")
+        if option not in {"disable", "no-new-privileges"}:
+            key, sep, value = option.partition("=" if "=" in option else ":")
+            if not sep:
+                raise Refusal("security-opt", f"SecurityOpt entry {option[:40]!r} is not key=value")
+        if key not in {"seccomp", "apparmor", "label", "no-new-privileges"} or key in opts:
+            raise Refusal("security-opt", f"SecurityOpt {key[:40]!r} is unknown or given twice")
+        if key == "label" and value != "disable":
+            raise Refusal("security-opt", "SELinux label overrides are not allowed")
+        opts[key] = value
+    return opts

@@ -1,99 +1,45 @@
-"""sockguard's decisions: which Docker API calls the agent may make, on which objects, with which bodies.
+"""sockguard's decisions: which Docker calls the agent may make, on which objects, with which bodies.
 
-Pure apart from the ``Lookups`` interface (ownership and image look-ups), so every rule is unit-tested
+Pure apart from ``Lookups`` (ownership and image look-ups of the real engine), so each rule is tested
 with fakes. Deny by default: an endpoint not in policy/sockguard.yaml, a body field not known, an object
-without the airlock label — all refused. Container-create checks live in ``create.py``'s sibling section
-below; each failing check names its rule, and the refusal says which.
+without the airlock label — all refused, each refusal naming its rule.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 from appliance import labels
-from appliance.policy import Policy
-from appliance.policy.loader import read_yaml
-from appliance.sockguard import create
-from appliance.sockguard.inspect import ENDPOINT_FIELDS, Refusal, Target, decode_object, lowered, normalize_target
-from appliance.sockguard.inspect import only_fields as _only
+from appliance.policy import Policy, canonical_seccomp
+from appliance.sockguard import Decision, Found, Lookups, Table, inspect
+from appliance.sockguard.inspect import (
+    CreateBody,
+    JsonObject,
+    Refusal,
+    Target,
+    decode_create,
+    decode_object,
+    lowered,
+    normalize_target,
+    only_fields,
+)
 
-_PLACEHOLDERS = {"{id}": r"(?P<id>[A-Za-z0-9][A-Za-z0-9_.-]*)", "{name}": r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.:/@-]*)"}
+IMAGE_REF = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,254}")
 _FALSE = {"", "0", "no", "false", "none"}  # how dockerd's BoolValue reads a query flag as false
-_RESOLVED_ID = re.compile(r"^[A-Za-z0-9]{1,128}$")
-
-
-@dataclass(frozen=True)
-class Found:
-    """A container or network as the engine reports it: full id, labels, and (networks) Internal."""
-
-    id: str
-    labels: dict[str, str]
-    internal: bool = False
-
-
-class Lookups(Protocol):
-    """What sockguard asks the real engine before forwarding; None means the engine answered 404."""
-
-    async def container(self, ident: str) -> Found | None: ...
-    async def network(self, ident: str) -> Found | None: ...
-    async def image(self, ref: str) -> create.Image | None: ...
-
-
-@dataclass(frozen=True)
-class Decision:
-    allow: bool
-    rule: str
-    reason: str
-    path: str  # the normalized path that was checked (for the log)
-    target: bytes = b""  # what is forwarded upstream when allowed
-    status: int = 200
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    method: str
-    path: str
-    regex: re.Pattern[str]
-    check: str | None
-
-
-@dataclass(frozen=True)
-class Table:
-    """policy/sockguard.yaml: the endpoint allowlist and the oldest API version accepted."""
-
-    endpoints: tuple[Endpoint, ...]
-    min_api: tuple[int, int]
-
-    def match(self, method: str, path: str) -> tuple[Endpoint, re.Match[str]] | None:
-        for endpoint in self.endpoints:
-            m = endpoint.regex.fullmatch(path)
-            if m and endpoint.method == method:
-                return endpoint, m
-        return None
-
-
-def load_table(directory: str | os.PathLike[str]) -> Table:
-    f = read_yaml(Path(directory) / "sockguard.yaml")
-    major, minor = f.str("min_api_version", pattern=r"\d+\.\d+").split(".")
-    endpoints = []
-    for e in f.children("endpoints"):
-        method = e.str("method", pattern="GET|HEAD|POST|PUT|DELETE")
-        path = e.str("path", pattern=r"(/([A-Za-z0-9_.-]+|\{id\}|\{name\}))+")
-        check = e.str("check", None)
-        if check is not None and check not in CHECKS:
-            raise e.error("check", f"unknown check {check!r}; known: {', '.join(sorted(CHECKS))}")
-        parts = re.split(r"(\{id\}|\{name\})", path)
-        regex = re.compile("".join(_PLACEHOLDERS.get(p, re.escape(p)) for p in parts))
-        endpoints.append(Endpoint(method, path, regex, check))
-        e.done()
-    f.done()
-    return Table(endpoints=tuple(endpoints), min_api=(int(major), int(minor)))
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}  # Go's strconv.ParseBool true forms
+_RESOLVED_ID = re.compile(r"[A-Za-z0-9]{1,128}")
+_USER = re.compile(r"(\d+)(?::(\d+))?")
+_NAMESPACES = {"PidMode": "pid-mode", "IpcMode": "ipc-mode", "UTSMode": "uts-mode", "UsernsMode": "userns-mode"}
+_DEVICES = lowered("Devices DeviceRequests DeviceCgroupRules BlkioWeightDevice BlkioDeviceReadBps BlkioDeviceWriteBps "
+                   "BlkioDeviceReadIOps BlkioDeviceWriteIOps")
+_LOG_DRIVERS = {"", "json-file", "local", "none"}  # others ship logs from the host network: an egress bypass
+_INHIBIT_IPV4 = "com.docker.network.bridge.inhibit_ipv4"
+_NETWORK_OPTIONS = {"com.docker.network.driver.mtu": r"\d{3,5}", "com.docker.network.bridge.enable_icc": "true|false",
+                    _INHIBIT_IPV4: "true"}
 
 
 @dataclass(frozen=True)
@@ -107,7 +53,7 @@ class Ctx:
 
     def rewrite(self, group: str, resolved: str) -> bytes:
         """Forward with the engine's full id, so the action hits exactly the object that was checked."""
-        if not _RESOLVED_ID.match(resolved):
+        if not _RESOLVED_ID.fullmatch(resolved):
             raise Refusal("upstream", "engine returned an unexpected object id", status=502)
         m = self.match
         return self.target.encode(path=m.string[: m.start(group)] + resolved + m.string[m.end(group) :])
@@ -116,7 +62,7 @@ class Ctx:
 async def decide(
     method: str, raw_target: bytes, body: bytes, *, table: Table, policy: Policy, lookups: Lookups
 ) -> Decision:
-    """Normalize, match the allowlist, run the endpoint's scope check. Never raises Refusal."""
+    """Normalize, match the allowlist, run the endpoint's check. Returns a Decision; never raises Refusal."""
     path = raw_target.decode("ascii", "backslashreplace")[:300]
     try:
         target = normalize_target(raw_target)
@@ -129,112 +75,78 @@ async def decide(
         endpoint, match = found
         if body and endpoint.check not in BODY_CHECKS:
             raise Refusal("body", f"{method} {endpoint.path} takes no request body")
-        ctx = Ctx(method, target, match, body, policy, lookups)
         check = CHECKS.get(endpoint.check or "", _endpoint_only)
-        reason, forward = await check(ctx)
+        reason, forward = await check(Ctx(method, target, match, body, policy, lookups))
         return Decision(True, endpoint.check or "endpoint", reason, path, forward)
     except Refusal as refusal:
-        return Decision(False, refusal.rule, refusal.reason, path, status=refusal.status)
+        return refused(refusal, path)
 
 
 def refused(refusal: Refusal, path: str) -> Decision:
     return Decision(False, refusal.rule, refusal.reason, path, status=refusal.status)
 
 
-Check = Callable[[Ctx], Awaitable[tuple[str, bytes]]]
-
-
 async def _endpoint_only(ctx: Ctx) -> tuple[str, bytes]:
     return f"{ctx.method} {ctx.target.path} is allowed", ctx.target.encode()
 
 
-async def owned_container(ctx: Ctx, ident: str, *, appliance_ok: bool) -> Found:
-    found = await ctx.lookups.container(ident)
+async def owned_container(lookups: Lookups, ident: str, *, appliance_ok: bool) -> Found:
+    found = await lookups.container(ident)
     if found is None:
         raise Refusal("owner", f"no such container: {ident}", status=404)
-    if labels.is_appliance(found.labels):
-        if appliance_ok:
-            return found
+    if labels.is_appliance(found.labels) and not appliance_ok:
         raise Refusal("owner", f"container {ident} is the appliance itself")
-    if not labels.is_managed(found.labels):
+    if not labels.is_managed(found.labels) and not labels.is_appliance(found.labels):
         raise Refusal("owner", f"container {ident} is not labelled {labels.MANAGED}=true")
     return found
 
 
-async def owned_network(ctx: Ctx, ident: str, *, internal: bool) -> Found:
-    found = await ctx.lookups.network(ident)
+async def owned_network(lookups: Lookups, ident: str, *, internal: bool, rule: str = "owner") -> Found:
+    found = await lookups.network(ident)
     if found is None:
-        raise Refusal("owner", f"no such network: {ident}", status=404)
+        raise Refusal(rule, f"no such network: {ident}", status=404 if rule == "owner" else 403)
     if not labels.is_managed(found.labels) or labels.is_appliance(found.labels):
-        raise Refusal("owner", f"network {ident} is not labelled {labels.MANAGED}=true")
+        raise Refusal(rule, f"network {ident} is not labelled {labels.MANAGED}=true")
     if internal and not found.internal:
-        raise Refusal("network-internal", f"network {ident} is not Internal")
+        raise Refusal("network-internal" if rule == "owner" else rule, f"network {ident} is not Internal")
     return found
-
-
-async def _container_owned(ctx: Ctx, appliance_ok: bool = False) -> tuple[str, bytes]:
-    link = ctx.target.param("link")
-    if link is not None and link.lower() not in _FALSE:
-        raise Refusal("query", "link removal is not allowed")
-    found = await owned_container(ctx, ctx.match["id"], appliance_ok=appliance_ok)
-    return f"container {ctx.match['id']} is {_whose(found)}", ctx.rewrite("id", found.id)
-
-
-async def _container_owned_or_appliance(ctx: Ctx) -> tuple[str, bytes]:
-    return await _container_owned(ctx, appliance_ok=True)
 
 
 def _whose(found: Found) -> str:
     return "the appliance" if labels.is_appliance(found.labels) else "managed by airlock"
 
 
+async def _container_owned(ctx: Ctx, appliance_ok: bool = False) -> tuple[str, bytes]:
+    link = ctx.target.param("link")
+    if link is not None and link.lower() not in _FALSE:
+        raise Refusal("query", "link removal is not allowed")
+    found = await owned_container(ctx.lookups, ctx.match["id"], appliance_ok=appliance_ok)
+    return f"container {ctx.match['id']} is {_whose(found)}", ctx.rewrite("id", found.id)
+
+
 async def _network_owned(ctx: Ctx) -> tuple[str, bytes]:
-    found = await owned_network(ctx, ctx.match["id"], internal=False)
+    found = await owned_network(ctx.lookups, ctx.match["id"], internal=False)
     return f"network {ctx.match['id']} is managed by airlock", ctx.rewrite("id", found.id)
 
 
 async def _list_managed(ctx: Ctx) -> tuple[str, bytes]:
-    """Add label=airlock.managed=true to `filters`; Docker ANDs label filters, so this only narrows."""
-    raw = ctx.target.param("filters")
-    try:
-        filters = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        raise Refusal("query", "filters is not JSON") from None
-    if not isinstance(filters, dict):
-        raise Refusal("query", "filters must be a JSON object")
-    label = filters.get("label", [])
-    label = list(label) if isinstance(label, dict | list) else label  # the legacy {"k=v": true} form too
-    if not isinstance(label, list) or not all(isinstance(item, str) for item in label):
-        raise Refusal("query", "filters.label must be a list of strings")
-    filters["label"] = [*label, f"{labels.MANAGED}=true"]
-    query = [(k, v) for k, v in ctx.target.query if k != "filters"] + [("filters", json.dumps(filters))]
+    query = inspect.with_label_filter(ctx.target, f"{labels.MANAGED}=true")
     return f"listing narrowed to {labels.MANAGED}=true", ctx.target.encode(query=query)
-
-
-async def _container_create(ctx: Ctx) -> tuple[str, bytes]:
-    await create.check_container(ctx.body, ctx.policy, ctx.lookups)
-    return "container create body passed every hardening check", ctx.target.encode()
-
-
-async def _network_create(ctx: Ctx) -> tuple[str, bytes]:
-    create.check_network(ctx.body)
-    return "internal airlock network", ctx.target.encode()
 
 
 async def _network_attach(ctx: Ctx) -> tuple[str, bytes]:
     """connect/disconnect: the network is ours (and Internal to connect); the container ours or the appliance."""
     body = decode_object(ctx.body)
-    _only(body, lowered("Container EndpointConfig Force"))
-    connect = ctx.target.path.endswith("/connect")
-    network = await owned_network(ctx, ctx.match["id"], internal=connect)
+    only_fields(body, lowered("Container EndpointConfig Force"))
+    network = await owned_network(ctx.lookups, ctx.match["id"], internal=ctx.target.path.endswith("/connect"))
     if not body.str("Container"):
         raise Refusal("body", "Container is required")
-    container = await owned_container(ctx, body.str("Container"), appliance_ok=True)
+    container = await owned_container(ctx.lookups, body.str("Container"), appliance_ok=True)
     endpoint = body.obj("EndpointConfig")
-    _only(endpoint, ENDPOINT_FIELDS)
+    only_fields(endpoint, inspect.ENDPOINT_FIELDS)
     if endpoint.list("Links") or endpoint.mapping("DriverOpts"):
         raise Refusal("network-options", "EndpointConfig Links and DriverOpts are not allowed")
-    reason = f"network {ctx.match['id']} is ours, container {body.str('Container')} is {_whose(container)}"
+    reason = f"network {ctx.match['id']} is ours; container {body.str('Container')} is {_whose(container)}"
     return reason, ctx.rewrite("id", network.id)
 
 
@@ -242,25 +154,142 @@ async def _image_pull(ctx: Ctx) -> tuple[str, bytes]:
     if not ctx.policy.images.allow_pull:
         raise Refusal("pull", "policy/images.yaml has allow_pull: false")
     extra = sorted({k for k, _ in ctx.target.query} - {"fromImage", "tag", "platform"})
-    if extra:
+    if extra:  # fromSrc would import a tarball under any name; repo/changes rewrite it
         raise Refusal("pull", f"only fromImage, tag and platform may be given (got {', '.join(extra)})")
     image, tag = ctx.target.param("fromImage") or "", ctx.target.param("tag") or ""
-    if not create.IMAGE_REF.fullmatch(image) or (tag and not create.IMAGE_REF.fullmatch(tag)):
+    if not IMAGE_REF.fullmatch(image) or (tag and not IMAGE_REF.fullmatch(tag)):
         raise Refusal("pull", "fromImage (and tag) must be plain image references")
-    if tag.startswith("sha256:") or "@" in image:
-        tags, digests = (), (image if "@" in image else f"{image}@{tag}",)
-    else:
-        tags, digests = (image if ":" in image.rsplit("/", 1)[-1] else f"{image}:{tag or 'latest'}",), ()
-    allowed, why = ctx.policy.images.decide(image, tags, digests)
+    ref = f"{image}@{tag}" if tag.startswith("sha256:") else f"{image}:{tag}" if tag else image
+    tags, digests = ((), (ref,)) if "@" in ref else ((ref,), ())
+    allowed, why = ctx.policy.images.decide(ref, tags, digests)
     if not allowed:
         raise Refusal("pull", why)
     return why, ctx.target.encode()
 
 
-CHECKS: dict[str, Check] = {
+async def _network_create(ctx: Ctx) -> tuple[str, bytes]:
+    n = decode_object(ctx.body)
+    only_fields(n, inspect.NETWORK_FIELDS)
+    tags, ipam = n.str_map("Labels"), n.obj("IPAM")
+    for rule, failure in (
+        ("network-label", (tags.get(labels.MANAGED) != "true" or labels.is_appliance(tags))
+         and f"Labels must carry {labels.MANAGED}=true"),
+        ("network-internal", not n.bool("Internal") and "Internal must be true: user code gets no route out"),
+        ("network-driver", n.str("Driver") not in {"", "bridge"} and f"driver {n.str('Driver')!r} is not bridge"),
+        ("network-scope", (n.str("Scope") not in {"", "local"} or n.bool("Ingress") or n.bool("ConfigOnly")
+                           or n.bool("Attachable") or n.present("ConfigFrom")) and "only a plain local network"),
+        ("network-options", [k for k, v in n.str_map("Options").items()
+                             if not re.fullmatch(_NETWORK_OPTIONS.get(k, "(?!)"), v)]),
+        # `Internal` alone still lets containers reach the host at the bridge's gateway address.
+        ("network-host-isolation", n.str_map("Options").get(_INHIBIT_IPV4) != "true"
+         and f"Options must set {_INHIBIT_IPV4}=true: the host must have no address on a location network"),
+        ("network-ipam", (ipam.str("Driver") not in {"", "default"} or ipam.list("Config") or ipam.mapping("Options"))
+         and "explicit IPAM could shadow host routes"),
+    ):
+        if failure:
+            raise Refusal(rule, failure if isinstance(failure, str) else f"options not allowed: {failure}")
+    return "an Internal airlock network", ctx.target.encode()
+
+
+async def _container_create(ctx: Ctx) -> tuple[str, bytes]:
+    b = decode_create(ctx.body)
+    for rule, failure in _create_checks(b, ctx.policy):
+        if failure:
+            raise Refusal(rule, str(failure))
+    mode, names = b.host.str("NetworkMode"), set(b.endpoints)
+    if mode in {"", "default", "bridge", "host"} or mode.startswith("container:") or (mode == "none" and names):
+        raise Refusal("network-mode", f"NetworkMode {mode or 'default'!r} is not allowed: use an airlock network")
+    for name in sorted({mode, *names} - {"none"}):
+        await owned_network(ctx.lookups, name, internal=True, rule="network-mode")
+    ref = b.config.str("Image")
+    if not IMAGE_REF.fullmatch(ref):
+        raise Refusal("image", "Config.Image must be an image reference")
+    image = await ctx.lookups.image(ref)
+    if image is None:
+        raise Refusal("image", f"No such image: {ref}", status=404)
+    allowed, why = ctx.policy.images.decide(image.id, image.repo_tags, image.repo_digests)
+    if not allowed:
+        raise Refusal("image", why)
+    return "container create passed every hardening check", ctx.target.encode()
+
+
+def _create_checks(b: CreateBody, p: Policy) -> Iterator[tuple[str, object]]:
+    """(rule, failure) in order; a truthy failure refuses. Getters refuse wrong JSON types as they go."""
+    h, c, bounds = b.host, b.config, p.bounds
+    yield "privileged", h.bool("Privileged") and "HostConfig.Privileged is true"
+    yield "cap-add", (h.strs("CapAdd") or h.strs("Capabilities")) and "capabilities may not be added"
+    yield "cap-drop", "ALL" not in {x.upper() for x in h.strs("CapDrop")} and "HostConfig.CapDrop must contain ALL"
+    for field, rule in _NAMESPACES.items():
+        mode = h.str(field)
+        yield rule, (mode == "host" or mode.startswith("container:")) and f"HostConfig.{field} {mode!r} is shared"
+    yield "cgroupns-mode", (h.str("CgroupnsMode") == "host" or h.str("Cgroup")) and "no host/shared cgroup namespace"
+    yield "cgroup-parent", h.str("CgroupParent") and "HostConfig.CgroupParent may not be set"
+    yield "devices", any(h.list(f) for f in _DEVICES) and "host devices may not be passed in"
+    yield "binds", _storage(b)
+    yield "ports", (h.mapping("PortBindings") or h.bool("PublishAllPorts")) and "no ports may be published on the host"
+    yield "links", h.list("Links") and "HostConfig.Links is not allowed"
+    opts = inspect.security_opts(h)
+    yield "seccomp", _seccomp(opts.get("seccomp"), p)
+    yield "apparmor", opts.get("apparmor", "docker-default") != "docker-default" and "only the docker-default AppArmor"
+    yield "label-disable", opts.get("label") == "disable" and "SELinux labelling may not be disabled"
+    yield "no-new-privileges", opts.get("no-new-privileges") not in _TRUE and "SecurityOpt must set no-new-privileges"
+    yield "masked-paths", (h.present("MaskedPaths") or h.present("ReadonlyPaths")) and "Masked/ReadonlyPaths are fixed"
+    yield "sysctls", h.mapping("Sysctls") and "HostConfig.Sysctls may not be set"
+    yield "readonly-rootfs", not h.bool("ReadonlyRootfs") and "HostConfig.ReadonlyRootfs must be true"
+    m = _USER.fullmatch(c.str("User"))
+    yield "user", (not m or int(m[1]) == 0 or (m[2] is not None and int(m[2]) == 0)) and (
+        f"Config.User {c.str('User')!r} must be a numeric non-root uid[:gid]")
+    yield "group-add", any(not g.isdigit() or int(g) == 0 for g in h.strs("GroupAdd")) and "GroupAdd: non-zero gids"
+    memory = h.int("Memory")
+    yield "memory", not 0 < memory <= bounds.memory_max and f"Memory must be 1..{bounds.memory_max} bytes"
+    yield "memory", h.int("MemorySwap") != memory and "MemorySwap must equal Memory: no swap"
+    yield "pids", not 0 < h.int("PidsLimit") <= bounds.pids_max and f"PidsLimit must be 1..{bounds.pids_max}"
+    yield "cpus", not 0 < h.int("NanoCpus") <= bounds.cpus_max * 1e9 and f"NanoCpus must be 1..{bounds.cpus_max}e9"
+    yield "cpus", any(h.int(f) for f in ("CpuPeriod", "CpuQuota", "CpuRealtimePeriod", "CpuRealtimeRuntime")) and (
+        "CPU is limited with NanoCpus only")
+    yield "oom-kill-disable", h.bool("OomKillDisable") and "OomKillDisable may not be set"
+    yield "oom-score-adj", h.int("OomScoreAdj") < 0 and "OomScoreAdj may not be negative"
+    yield "runtime", h.str("Runtime") not in {"", *bounds.runtimes} and f"runtime must be in {list(bounds.runtimes)}"
+    yield "log-driver", h.obj("LogConfig").str("Type") not in _LOG_DRIVERS and "only json-file/local log drivers"
+    yield "tmpfs", _tmpfs(h)
+    tags = c.str_map("Labels")
+    yield "labels", (tags.get(labels.MANAGED) != "true" or labels.is_appliance(tags)) and (
+        f"Config.Labels must carry {labels.MANAGED}=true and may not claim the appliance role")
+    yield "init", not h.bool("Init") and "HostConfig.Init must be true"
+
+
+def _storage(b: CreateBody) -> str | None:
+    h = b.host
+    if h.strs("Binds") or h.strs("VolumesFrom") or h.str("VolumeDriver") or b.config.mapping("Volumes"):
+        return "bind mounts, volumes and VolumesFrom are not allowed"
+    if any(not isinstance(m, JsonObject) or m.str("Type") != "tmpfs" for m in h.list("Mounts")):
+        return "only tmpfs Mounts are allowed"
+    return None
+
+
+def _seccomp(value: str | None, p: Policy) -> str | None:
+    if value is None or value == "unconfined":
+        return f"seccomp must be the policy profile, got {value or 'none'}"
+    try:
+        same = canonical_seccomp(json.loads(value)) == p.hardening.seccomp_profile
+    except (json.JSONDecodeError, RecursionError):
+        same = False
+    return None if same else "seccomp profile differs from the policy profile"
+
+
+def _tmpfs(h: JsonObject) -> str | None:
+    for point, options in h.mapping("Tmpfs").items():
+        if not isinstance(options, str) or not point.startswith("/") or ".." in point:
+            return f"Tmpfs {point!r} must be an absolute path with string options"
+        if {"exec", "suid", "dev"} & set(options.split(",")):
+            return f"tmpfs {point} may not be mounted exec, suid or dev"
+    return None
+
+
+CHECKS: dict[str, Callable[[Ctx], Awaitable[tuple[str, bytes]]]] = {
     "container-create": _container_create,
     "container-owned": _container_owned,
-    "container-owned-or-appliance": _container_owned_or_appliance,
+    "container-owned-or-appliance": functools.partial(_container_owned, appliance_ok=True),
     "list-managed": _list_managed,
     "network-create": _network_create,
     "network-owned": _network_owned,

@@ -132,6 +132,28 @@ def attack_connect(host, port):
         result(False, errno=exc.errno, error=errno.errorcode.get(exc.errno or 0, str(exc)))
 
 
+def attack_reach(host, port):
+    """Can this container reach host:port at all? A refused connection counts: the host answered."""
+    try:
+        socket.create_connection((host, int(port)), timeout=4).close()
+        result(True, outcome="connected")
+    except ConnectionRefusedError:
+        result(True, outcome="refused")
+    except OSError as exc:
+        result(False, errno=exc.errno, error=errno.errorcode.get(exc.errno or 0, str(exc)))
+
+
+def attack_gateway():
+    """Print the default gateway (the host's address on this network, if it has one)."""
+    with open("/proc/net/route") as f:
+        for line in list(f)[1:]:
+            fields = line.split()
+            if fields[1] == "00000000":
+                result(True, gateway=socket.inet_ntoa(bytes.fromhex(fields[2])[::-1]))
+                return
+    result(False, gateway=None)
+
+
 def attack_proxy(proxy_host, proxy_port, target_host, target_port):
     """CONNECT through the egress proxy, then speak HTTP to the target."""
     try:

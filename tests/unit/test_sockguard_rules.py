@@ -1,0 +1,449 @@
+"""sockguard's decisions, with fake engine look-ups: a hardened create passes, every single weakening fails."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import pytest
+
+from appliance.labels import LOCATION, MANAGED, ROLE
+from appliance.policy import Policy, PolicyError, load_policy
+from appliance.sockguard import Decision, Found, ImageInfo, Table, load_table, rules
+from appliance.sockguard.inspect import Refusal, read_body
+
+REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
+TINY_SECCOMP = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}
+MINE, FOREIGN, APPLIANCE = "a" * 64, "b" * 64, "c" * 64
+NET, OPEN_NET, FOREIGN_NET = "d" * 64, "e" * 64, "f" * 64
+DEL = object()
+
+
+def make_policy_dir(directory: Path) -> Path:
+    """policy/*.yaml as shipped; the real seccomp.json if it loads, else a tiny deny-by-default one."""
+    for path in REPO_POLICY.glob("*.yaml"):
+        shutil.copy(path, directory)
+    if (REPO_POLICY / "seccomp.json").exists():
+        shutil.copy(REPO_POLICY / "seccomp.json", directory)
+    try:
+        load_policy(directory)
+    except PolicyError:
+        (directory / "seccomp.json").write_text(json.dumps(TINY_SECCOMP, indent=2))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Policy, Table]:
+    directory = make_policy_dir(tmp_path_factory.mktemp("policy"))
+    return load_policy(directory), load_table(directory, rules.CHECKS)
+
+
+class FakeLookups:
+    """The engine as sockguard sees it: a few containers, networks and images, by id or name."""
+
+    def __init__(self) -> None:
+        self.containers = {
+            "mine": Found(MINE, {MANAGED: "true", ROLE: "code-server"}),
+            "foreign": Found(FOREIGN, {"com.example": "x"}),
+            "appliance": Found(APPLIANCE, {ROLE: "appliance"}),
+        }
+        self.networks = {
+            "airlock-net": Found(NET, {MANAGED: "true"}, internal=True),
+            "open-net": Found(OPEN_NET, {MANAGED: "true"}, internal=False),
+            "foreign-net": Found(FOREIGN_NET, {}, internal=True),
+        }
+        tag = "airlock/example-location:latest"
+        self.images = {
+            tag: ImageInfo("sha256:" + "1" * 64, (tag,), ()),
+            "evil/image:latest": ImageInfo("sha256:" + "2" * 64, ("evil/image:latest",), ()),
+        }
+
+    async def container(self, ident: str) -> Found | None:
+        return self.containers.get(ident)
+
+    async def network(self, ident: str) -> Found | None:
+        return self.networks.get(ident)
+
+    async def image(self, ref: str) -> ImageInfo | None:
+        return self.images.get(ref)
+
+
+def good_create(policy: Policy) -> dict[str, Any]:
+    """What the launcher sends for a code server: every hardening field set, all within bounds."""
+    limits = policy.hardening.limits
+    return {
+        "Image": "airlock/example-location:latest",
+        "User": "10001:10001",
+        "Cmd": ["dagster", "api", "grpc", "--port", "4000"],
+        "Env": ["DAGSTER_HOME=/home/dagster"],
+        "Labels": {MANAGED: "true", ROLE: "code-server", LOCATION: "demo"},
+        "HostConfig": {
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges", f"seccomp={policy.hardening.seccomp_profile}"],
+            "ReadonlyRootfs": True,
+            "Memory": limits.memory,
+            "MemorySwap": limits.memory,
+            "NanoCpus": limits.nano_cpus,
+            "PidsLimit": limits.pids,
+            "Init": True,
+            "NetworkMode": "airlock-net",
+            "Tmpfs": dict(policy.hardening.tmpfs),
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
+            "Runtime": "runc",
+            "RestartPolicy": {"Name": "on-failure", "MaximumRetryCount": 5},
+        },
+        "NetworkingConfig": {"EndpointsConfig": {"airlock-net": {"Aliases": ["demo"]}}},
+    }
+
+
+def mutate(body: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    body = copy.deepcopy(body)
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".", 1) if dotted.startswith("HostConfig.") else [dotted]
+        target = body[parents[0]] if parents else body
+        if value is DEL:
+            target.pop(key, None)
+        else:
+            target[key] = value
+    return body
+
+
+def decide(setup: tuple[Policy, Table], method: str, target: str | bytes, body: Any = b"", **kw: Any) -> Decision:
+    policy, table = setup
+    raw = target.encode() if isinstance(target, str) else target
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    lookups = kw.pop("lookups", FakeLookups())
+    return asyncio.run(rules.decide(method, raw, data, table=table, policy=kw.pop("policy", policy), lookups=lookups))
+
+
+def create(setup: tuple[Policy, Table], body: Any) -> Decision:
+    return decide(setup, "POST", "/v1.41/containers/create?name=airlock-demo", body)
+
+
+def test_hardened_create_is_allowed(setup: tuple[Policy, Table]) -> None:
+    decision = create(setup, good_create(setup[0]))
+    assert decision.allow, decision
+    assert decision.rule == "container-create"
+    assert decision.target == b"/v1.41/containers/create?name=airlock-demo"
+
+
+NNP = "no-new-privileges"
+CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("privileged", {"HostConfig.Privileged": True}, "privileged"),
+    ("privileged-lowercase-key", {"HostConfig.privileged": True}, "privileged"),
+    ("privileged-wrong-type", {"HostConfig.Privileged": "true"}, "body"),
+    ("case-duplicate-key", {"HostConfig.readonlyRootfs": False}, "body"),
+    ("non-ascii-key", {"HostConfig.\u017fecurityOpt": []}, "body"),  # Go would fold the long s onto 'S'
+
+    ("hostconfig-at-top-level", {"Privileged": True}, "unknown-field"),
+    ("unknown-hostconfig-field", {"HostConfig.Annotations": {"a": "b"}}, "unknown-field"),
+    ("cap-add", {"HostConfig.CapAdd": ["SYS_ADMIN"]}, "cap-add"),
+    ("capabilities", {"HostConfig.Capabilities": ["CAP_SYS_ADMIN"]}, "cap-add"),
+    ("cap-drop-missing", {"HostConfig.CapDrop": DEL}, "cap-drop"),
+    ("cap-drop-partial", {"HostConfig.CapDrop": ["NET_RAW"]}, "cap-drop"),
+    ("network-host", {"HostConfig.NetworkMode": "host", "NetworkingConfig": DEL}, "network-mode"),
+    ("network-bridge", {"HostConfig.NetworkMode": "bridge", "NetworkingConfig": DEL}, "network-mode"),
+    ("network-default", {"HostConfig.NetworkMode": DEL, "NetworkingConfig": DEL}, "network-mode"),
+    ("network-container", {"HostConfig.NetworkMode": "container:mine", "NetworkingConfig": DEL}, "network-mode"),
+    ("network-foreign", {"HostConfig.NetworkMode": "foreign-net", "NetworkingConfig": DEL}, "network-mode"),
+    ("network-not-internal", {"HostConfig.NetworkMode": "open-net", "NetworkingConfig": DEL}, "network-mode"),
+    ("endpoint-foreign", {"NetworkingConfig": {"EndpointsConfig": {"foreign-net": {}}}}, "network-mode"),
+    ("pid-host", {"HostConfig.PidMode": "host"}, "pid-mode"),
+    ("pid-container", {"HostConfig.PidMode": "container:mine"}, "pid-mode"),
+    ("ipc-host", {"HostConfig.IpcMode": "host"}, "ipc-mode"),
+    ("uts-host", {"HostConfig.UTSMode": "host"}, "uts-mode"),
+    ("userns-host", {"HostConfig.UsernsMode": "host"}, "userns-mode"),
+    ("cgroupns-host", {"HostConfig.CgroupnsMode": "host"}, "cgroupns-mode"),
+    ("cgroup-parent", {"HostConfig.CgroupParent": "/"}, "cgroup-parent"),
+    ("devices", {"HostConfig.Devices": [{"PathOnHost": "/dev/mem", "PathInContainer": "/dev/mem"}]}, "devices"),
+    ("device-requests", {"HostConfig.DeviceRequests": [{"Driver": "nvidia", "Count": -1}]}, "devices"),
+    ("device-cgroup-rules", {"HostConfig.DeviceCgroupRules": ["c 1:1 rwm"]}, "devices"),
+    ("binds", {"HostConfig.Binds": ["/:/host"]}, "binds"),
+    ("mount-bind", {"HostConfig.Mounts": [{"Type": "bind", "Source": "/", "Target": "/host"}]}, "binds"),
+    ("mount-volume", {"HostConfig.Mounts": [{"Type": "volume", "Source": "v", "Target": "/v"}]}, "binds"),
+    ("volumes-from", {"HostConfig.VolumesFrom": ["foreign"]}, "binds"),
+    ("config-volumes", {"Volumes": {"/data": {}}}, "binds"),
+    ("port-bindings", {"HostConfig.PortBindings": {"4000/tcp": [{"HostPort": "4000"}]}}, "ports"),
+    ("publish-all", {"HostConfig.PublishAllPorts": True}, "ports"),
+    ("links", {"HostConfig.Links": ["foreign:db"]}, "links"),
+    ("seccomp-missing", {"HostConfig.SecurityOpt": [NNP]}, "seccomp"),
+    ("seccomp-unconfined", {"HostConfig.SecurityOpt": [NNP, "seccomp=unconfined"]}, "seccomp"),
+    ("seccomp-other", {"HostConfig.SecurityOpt": [NNP, 'seccomp={"defaultAction":"SCMP_ACT_ALLOW"}']}, "seccomp"),
+    ("seccomp-twice", {"HostConfig.SecurityOpt": "GOOD+seccomp=unconfined"}, "security-opt"),
+    ("security-opt-unknown", {"HostConfig.SecurityOpt": "GOOD+systempaths=unconfined"}, "security-opt"),
+    ("apparmor-unconfined", {"HostConfig.SecurityOpt": "GOOD+apparmor=unconfined"}, "apparmor"),
+    ("label-disable", {"HostConfig.SecurityOpt": "GOOD+label=disable"}, "label-disable"),
+    ("label-colon-disable", {"HostConfig.SecurityOpt": "GOOD+label:disable"}, "label-disable"),
+    ("no-new-privileges-missing", {"HostConfig.SecurityOpt": "SECCOMP"}, "no-new-privileges"),
+    ("no-new-privileges-false", {"HostConfig.SecurityOpt": "SECCOMP+no-new-privileges=false"}, "no-new-privileges"),
+    ("masked-paths-empty", {"HostConfig.MaskedPaths": []}, "masked-paths"),
+    ("readonly-paths-empty", {"HostConfig.ReadonlyPaths": []}, "masked-paths"),
+    ("sysctls", {"HostConfig.Sysctls": {"net.ipv4.ip_forward": "1"}}, "sysctls"),
+    ("writable-rootfs", {"HostConfig.ReadonlyRootfs": False}, "readonly-rootfs"),
+    ("readonly-rootfs-missing", {"HostConfig.ReadonlyRootfs": DEL}, "readonly-rootfs"),
+    ("user-missing", {"User": DEL}, "user"),
+    ("user-root", {"User": "root"}, "user"),
+    ("user-zero", {"User": "0"}, "user"),
+    ("user-root-group", {"User": "10001:0"}, "user"),
+    ("group-add-root", {"HostConfig.GroupAdd": ["0"]}, "group-add"),
+    ("memory-missing", {"HostConfig.Memory": DEL, "HostConfig.MemorySwap": DEL}, "memory"),
+    ("memory-over-bound", {"HostConfig.Memory": "MAXMEM+1", "HostConfig.MemorySwap": "MAXMEM+1"}, "memory"),
+    ("memory-float", {"HostConfig.Memory": 1.5e9}, "body"),
+    ("swap-unlimited", {"HostConfig.MemorySwap": -1}, "memory"),
+    ("swap-default", {"HostConfig.MemorySwap": DEL}, "memory"),
+    ("pids-missing", {"HostConfig.PidsLimit": DEL}, "pids"),
+    ("pids-unlimited", {"HostConfig.PidsLimit": -1}, "pids"),
+    ("pids-over-bound", {"HostConfig.PidsLimit": "MAXPIDS+1"}, "pids"),
+    ("cpus-missing", {"HostConfig.NanoCpus": DEL}, "cpus"),
+    ("cpus-over-bound", {"HostConfig.NanoCpus": "MAXCPU+1"}, "cpus"),
+    ("cpu-quota", {"HostConfig.CpuQuota": 400000}, "cpus"),
+    ("oom-kill-disable", {"HostConfig.OomKillDisable": True}, "oom-kill-disable"),
+    ("oom-score-adj", {"HostConfig.OomScoreAdj": -1000}, "oom-score-adj"),
+    ("runtime", {"HostConfig.Runtime": "nvidia"}, "runtime"),
+    ("log-driver-syslog", {"HostConfig.LogConfig": {"Type": "syslog", "Config": {"syslog-address": "udp://1.2.3.4:514"}}},
+     "log-driver"),
+    ("tmpfs-exec", {"HostConfig.Tmpfs": {"/tmp": "rw,exec"}}, "tmpfs"),
+    ("image-not-allowed", {"Image": "evil/image:latest"}, "image"),
+    ("image-missing", {"Image": "nope:latest"}, "image"),
+    ("labels-missing", {"Labels": DEL}, "labels"),
+    ("labels-not-true", {"Labels": {MANAGED: "yes"}}, "labels"),
+    ("labels-claim-appliance", {"Labels": {MANAGED: "true", ROLE: "appliance"}}, "labels"),
+    ("init-missing", {"HostConfig.Init": DEL}, "init"),
+    ("init-false", {"HostConfig.Init": False}, "init"),
+]
+
+
+def _resolve(policy: Policy, changes: dict[str, Any]) -> dict[str, Any]:
+    """Placeholders that depend on the policy (bounds, the profile) in the table above."""
+    seccomp, bounds = f"seccomp={policy.hardening.seccomp_profile}", policy.bounds
+    values = {"MAXMEM+1": bounds.memory_max + 1, "MAXPIDS+1": bounds.pids_max + 1,
+              "MAXCPU+1": int(bounds.cpus_max * 1e9) + 1}
+    out = {}
+    for key, value in changes.items():
+        if isinstance(value, str) and value.startswith(("GOOD+", "SECCOMP")):
+            head, _, extra = value.partition("+")
+            value = ([NNP, seccomp] if head == "GOOD" else [seccomp]) + ([extra] if extra else [])
+        out[key] = values.get(value, value) if isinstance(value, str) else value
+    return out
+
+
+@pytest.mark.parametrize(("changes", "rule"), [pytest.param(c, r, id=i) for i, c, r in CASES])
+def test_each_weakening_is_refused(setup: tuple[Policy, Table], changes: dict[str, Any], rule: str) -> None:
+    body = mutate(good_create(setup[0]), _resolve(setup[0], changes))
+    decision = create(setup, body)
+    assert not decision.allow
+    assert decision.rule == rule, decision.reason
+    assert decision.status in (403, 404)
+
+
+@pytest.mark.parametrize(
+    ("body", "rule"),
+    [
+        (b"not json", "body"),
+        (b"[1, 2]", "body"),
+        (b'{"Image": "x"} {"HostConfig": {}}', "body"),
+        (b'{"Image": "x", "Image": "y"}', "body"),
+        (b'{"Memory": NaN}', "body"),
+        ("{}".encode("utf-16"), "body"),
+    ],
+)
+def test_malformed_bodies_are_refused(setup: tuple[Policy, Table], body: bytes, rule: str) -> None:
+    decision = create(setup, body)
+    assert (decision.allow, decision.rule) == (False, rule)
+
+
+def test_oversized_body_is_413() -> None:
+    events = iter([h11.Data(data=b"x" * 600_000), h11.Data(data=b"x" * 600_000), h11.EndOfMessage()])
+
+    async def next_event() -> Any:
+        return next(events)
+
+    with pytest.raises(Refusal) as caught:
+        asyncio.run(read_body(next_event))
+    assert (caught.value.rule, caught.value.status) == ("body-size", 413)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "allow", "rule"),
+    [
+        ("GET", "/_ping", True, "endpoint"),
+        ("HEAD", "/v1.41/_ping", True, "endpoint"),
+        ("GET", "/v1.41/version", True, "endpoint"),
+        ("get", "/v1.41/_ping", False, "endpoint"),
+        ("GET", "/v1.23/_ping", False, "api-version"),
+        ("GET", "/v1/_ping", False, "endpoint"),
+        ("GET", "/v1.41/containers/%2e%2e/json", False, "path"),
+        ("GET", "/v1.41/containers/mine/%2e%2e/%2e%2e/info", False, "path"),
+        ("GET", "/v1.41/containers/%252e%252e/json", False, "path"),
+        ("GET", "/v1.41/containers/m%C3%A9/json", False, "path"),
+        ("GET", "/v1.41/containers/mine/json#x", False, "path"),
+        ("GET", "http://docker/v1.41/_ping", False, "path"),
+        ("GET", "/v1.41/volumes", False, "endpoint"),
+        ("POST", "/v1.41/containers/mine/exec", False, "endpoint"),
+        ("POST", "/v1.41/exec/123/start", False, "endpoint"),
+        ("POST", "/v1.41/build", False, "endpoint"),
+        ("POST", "/v1.41/commit?container=mine", False, "endpoint"),
+        ("PUT", "/v1.41/containers/mine/archive?path=/", False, "endpoint"),
+        ("GET", "/v1.41/containers/mine/archive?path=/", False, "endpoint"),
+        ("POST", "/v1.41/containers/mine/update", False, "endpoint"),
+        ("POST", "/v1.41/containers/mine/attach?stream=1", False, "endpoint"),
+        ("POST", "/v1.41/system/prune", False, "endpoint"),
+        ("GET", "/v1.41/events", False, "endpoint"),
+        ("POST", "/v1.41/swarm/init", False, "endpoint"),
+        ("GET", "/v1.41/containers/json/", False, "endpoint"),
+    ],
+)
+def test_paths_are_normalized_then_matched(
+    setup: tuple[Policy, Table], method: str, target: str, allow: bool, rule: str
+) -> None:
+    decision = decide(setup, method, target)
+    assert (decision.allow, decision.rule) == (allow, rule), decision.reason
+
+
+def test_forwarded_target_is_the_normalized_one(setup: tuple[Policy, Table]) -> None:
+    decision = decide(setup, "GET", "//v1.41//containers/%6d%69%6e%65//json?size=1")
+    assert decision.allow and decision.path == "/containers/mine/json"
+    assert decision.target == f"/v1.41/containers/{MINE}/json?size=1".encode()  # rewritten to the checked id
+
+
+def test_body_on_a_bodiless_endpoint_is_refused(setup: tuple[Policy, Table]) -> None:
+    decision = decide(setup, "POST", "/v1.41/containers/mine/start", {"HostConfig": {"Privileged": True}})
+    assert (decision.allow, decision.rule) == (False, "body")
+
+
+def test_pull_follows_allow_pull(setup: tuple[Policy, Table]) -> None:
+    policy = setup[0]
+    pull = "/v1.41/images/create?fromImage=airlock/example-location&tag=latest"
+    assert decide(setup, "POST", pull).rule == "pull"
+    pulling = dataclasses.replace(policy, images=dataclasses.replace(policy.images, allow_pull=True))
+    assert decide(setup, "POST", pull, policy=pulling).allow
+    for refused in ("fromImage=evil/image&tag=latest", "fromSrc=-&repo=airlock/example-location", ""):
+        decision = decide(setup, "POST", f"/v1.41/images/create?{refused}", policy=pulling)
+        assert (decision.allow, decision.rule) == (False, "pull"), refused
+
+
+@pytest.mark.parametrize(
+    ("method", "action"),
+    [("GET", "json"), ("GET", "logs?follow=1&stdout=1"), ("POST", "stop"), ("POST", "start"), ("POST", "kill"),
+     ("POST", "restart"), ("POST", "wait"), ("DELETE", "")],
+)
+def test_container_scope(setup: tuple[Policy, Table], method: str, action: str) -> None:
+    def target(name: str) -> str:
+        return f"/v1.41/containers/{name}" + (f"/{action}" if action else "")
+
+    mine = decide(setup, method, target("mine"))
+    assert mine.allow and urlsplit(mine.target.decode()).path == urlsplit(target(MINE)).path
+    assert (decide(setup, method, target("foreign")).rule, decide(setup, method, target("foreign")).status) == (
+        "owner", 403)
+    assert decide(setup, method, target("ghost")).status == 404
+    appliance = decide(setup, method, target("appliance"))
+    assert appliance.allow is (action == "json"), "only inspect may touch the appliance container"
+
+
+def test_delete_link_is_refused(setup: tuple[Policy, Table]) -> None:
+    assert decide(setup, "DELETE", "/v1.41/containers/mine?link=1").rule == "query"
+    assert decide(setup, "DELETE", "/v1.41/containers/mine?force=1&v=1").allow
+    assert decide(setup, "DELETE", "/v1.41/containers/mine?v=False&link=False&force=True").allow  # docker-py
+
+
+def _forwarded_filters(decision: Decision) -> dict[str, Any]:
+    query = parse_qs(urlsplit(decision.target.decode()).query)
+    assert len(query["filters"]) == 1
+    return json.loads(query["filters"][0])
+
+
+@pytest.mark.parametrize("path", ["/v1.41/containers/json", "/v1.41/networks"])
+def test_listings_get_the_label_filter(setup: tuple[Policy, Table], path: str) -> None:
+    plain = decide(setup, "GET", f"{path}?all=1")
+    assert plain.allow and _forwarded_filters(plain) == {"label": [f"{MANAGED}=true"]}
+    mixed = decide(setup, "GET", f'{path}?filters={{"status":["running"],"label":["x=y"]}}')
+    assert _forwarded_filters(mixed) == {"status": ["running"], "label": ["x=y", f"{MANAGED}=true"]}
+    legacy = decide(setup, "GET", f'{path}?filters={{"label":{{"x=y":true}}}}')
+    assert _forwarded_filters(legacy)["label"] == ["x=y", f"{MANAGED}=true"]
+    assert decide(setup, "GET", f"{path}?filters=%7B%7D&filters=%7B%7D").rule == "query"
+    assert decide(setup, "GET", f"{path}?filters=[1]").rule == "query"
+
+
+def good_network() -> dict[str, Any]:
+    return {"Name": "airlock-demo", "CheckDuplicate": True, "Driver": "bridge", "Internal": True,
+            "Options": {"com.docker.network.bridge.inhibit_ipv4": "true"},
+            "Labels": {MANAGED: "true", ROLE: "network"}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "rule"),
+    [
+        ({}, None),
+        ({"Internal": False}, "network-internal"),
+        ({"Internal": DEL}, "network-internal"),
+        ({"Labels": DEL}, "network-label"),
+        ({"Labels": {MANAGED: "true", ROLE: "appliance"}}, "network-label"),
+        ({"Driver": "macvlan"}, "network-driver"),
+        ({"Options": {"com.docker.network.bridge.name": "docker0"}}, "network-options"),
+        ({"Options": {"com.docker.network.bridge.enable_ip_masquerade": "true"}}, "network-options"),
+        ({"Options": DEL}, "network-host-isolation"),
+        ({"Options": {"com.docker.network.bridge.inhibit_ipv4": "false"}}, "network-options"),
+        ({"Options": {"com.docker.network.driver.mtu": "1400"}}, "network-host-isolation"),
+        ({"Options": {"com.docker.network.driver.mtu": "1400", "com.docker.network.bridge.inhibit_ipv4": "true"}},
+         None),
+        ({"IPAM": {"Driver": "default", "Config": [{"Subnet": "169.254.169.0/24"}]}}, "network-ipam"),
+        ({"Ingress": True}, "network-scope"),
+        ({"ConfigFrom": {"Network": "foreign-net"}}, "network-scope"),
+        ({"Shared": True}, "unknown-field"),
+    ],
+)
+def test_network_create(setup: tuple[Policy, Table], changes: dict[str, Any], rule: str | None) -> None:
+    decision = decide(setup, "POST", "/v1.41/networks/create", mutate(good_network(), changes))
+    assert decision.allow is (rule is None) and (rule is None or decision.rule == rule), decision
+
+
+@pytest.mark.parametrize(
+    ("network", "action", "container", "rule"),
+    [
+        ("airlock-net", "connect", "mine", None),
+        ("airlock-net", "connect", "appliance", None),
+        ("airlock-net", "disconnect", "appliance", None),
+        ("airlock-net", "connect", "foreign", "owner"),
+        ("foreign-net", "connect", "mine", "owner"),
+        ("open-net", "connect", "mine", "network-internal"),
+        ("airlock-net", "connect", "", "body"),
+    ],
+)
+def test_network_attach(
+    setup: tuple[Policy, Table], network: str, action: str, container: str, rule: str | None
+) -> None:
+    decision = decide(setup, "POST", f"/v1.41/networks/{network}/{action}", {"Container": container})
+    assert decision.allow is (rule is None) and (rule is None or decision.rule == rule), decision
+    if rule is None:
+        assert decision.target == f"/v1.41/networks/{NET}/{action}".encode()
+
+
+def test_network_scope(setup: tuple[Policy, Table]) -> None:
+    assert decide(setup, "DELETE", "/v1.41/networks/airlock-net").allow
+    assert decide(setup, "DELETE", "/v1.41/networks/foreign-net").rule == "owner"
+    assert decide(setup, "GET", "/v1.41/networks/foreign-net").rule == "owner"
+
+
+def test_image_inspect_is_open(setup: tuple[Policy, Table]) -> None:
+    decision = decide(setup, "GET", "/v1.41/images/airlock/example-location:latest/json")
+    assert decision.allow and decision.target == b"/v1.41/images/airlock/example-location:latest/json"
+
+
+def test_shipped_policy_table_loads() -> None:
+    table = load_table(REPO_POLICY, rules.CHECKS)
+    assert {(e.method, e.path) for e in table.endpoints} >= {("POST", "/containers/create"), ("GET", "/_ping")}
+
+
+def test_bad_table_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "sockguard.yaml").write_text(
+        'version: 1\nmin_api_version: "1.40"\nendpoints:\n  - {method: GET, path: /x, check: everything}\n'
+    )
+    with pytest.raises(PolicyError, match="unknown check"):
+        load_table(tmp_path, rules.CHECKS)
