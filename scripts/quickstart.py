@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,9 @@ import docker
 import docker.errors
 
 ROOT = Path(__file__).resolve().parent.parent
-NAME = "airlock-quickstart"
-APPLIANCE_ID = "quickstart"
+# Tests run a quickstart of their own next to a user's by setting AIRLOCK_QUICKSTART_ID.
+APPLIANCE_ID = os.environ.get("AIRLOCK_QUICKSTART_ID", "quickstart")
+NAME = f"airlock-{APPLIANCE_ID}"
 SOCKET = "/var/run/docker.sock"
 APPLIANCE_CAPS = ["CHOWN", "FOWNER", "SETUID", "SETGID", "KILL"]
 
@@ -63,7 +65,7 @@ def exec_cli(container: Any, *args: str) -> tuple[int, str]:
 def up() -> int:
     started = time.monotonic()
     tags = json.loads((ROOT / ".cache/images.json").read_text())
-    workdir = ROOT / ".airlock/quickstart"
+    workdir = ROOT / ".airlock" / APPLIANCE_ID
     workdir.mkdir(parents=True, exist_ok=True)
     locations = workdir / "locations.yaml"
     locations.write_text(

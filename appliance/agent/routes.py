@@ -34,5 +34,8 @@ def write_routes(path: str, text: str) -> bool:
     tmp = target.with_suffix(".tmp")
     tmp.write_text(text)
     os.chmod(tmp, 0o640)
+    group = target.parent.stat().st_gid  # the egress proxy's group owns the directory
+    if tmp.stat().st_gid != group:
+        os.chown(tmp, -1, group)
     os.replace(tmp, target)
     return True

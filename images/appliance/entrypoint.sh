@@ -18,7 +18,7 @@ export AIRLOCK_DOCKER_GID
 
 install -d -o root -g root -m 0755 /run/airlock
 install -d -o airlock-sockguard -g airlock-agent -m 0750 /run/airlock/sockguard
-install -d -o airlock-agent -g airlock-egress -m 2750 /run/airlock/egress
+install -d -o airlock-agent -g airlock-egress -m 0750 /run/airlock/egress
 install -d -o airlock-agent -g airlock-agent -m 0700 "${AIRLOCK_STATE_DIR:-/var/lib/airlock}"
 
 if [ ! -r "${AIRLOCK_LOCATIONS:-/etc/airlock/locations.yaml}" ]; then

@@ -107,7 +107,7 @@ def attack(container: Container, name: str, *args: str) -> dict:
 def control(world: World, name: str, *args: str, **loose: object) -> dict:
     """Run an attack in a loose control container the TEST starts directly (never through airlock)."""
     dc = world.appliance.docker
-    options = {"user": "0", "cap_add": ["SYS_ADMIN", "SYS_PTRACE", "NET_RAW", "BPF", "PERFMON"],
+    options = {"user": "0", "cap_add": ["SYS_ADMIN", "SYS_PTRACE", "NET_RAW"],
                "security_opt": ["seccomp=unconfined"], "network_mode": "none", **loose}
     container = dc.containers.run(world.control_image, ["python3", "-c", ATTACKS, name, *args], detach=True,
                                   labels={"airlock.test-run": world.appliance.appliance_id}, **options)
