@@ -9,11 +9,9 @@ FROM ${BASE_IMAGE} AS venv
 COPY images/ensure-python.sh /tmp/ensure-python.sh
 RUN sh /tmp/ensure-python.sh
 COPY requirements.lock /tmp/requirements.lock
+COPY images/install-venv.sh /tmp/install-venv.sh
 COPY wheels/ /tmp/wheels/
-RUN python3 -m venv /opt/airlock/venv \
- && /opt/airlock/venv/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels \
-      --require-hashes -r /tmp/requirements.lock \
- && find /opt/airlock/venv -name '__pycache__' -prune -exec rm -rf {} +
+RUN sh /tmp/install-venv.sh /opt/airlock/venv
 
 FROM ${BASE_IMAGE}
 COPY images/ensure-python.sh /tmp/ensure-python.sh

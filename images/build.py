@@ -52,6 +52,7 @@ IMAGES: dict[str, ImageSpec] = {
                 "userland": "src/userland",
                 "protocol": "src/protocol",
                 "images/ensure-python.sh": "images/ensure-python.sh",
+                "images/install-venv.sh": "images/install-venv.sh",
             },
         ),
         ImageSpec(
@@ -65,6 +66,7 @@ IMAGES: dict[str, ImageSpec] = {
                 "policy": "policy",
                 "images/appliance": "images/appliance",
                 "images/ensure-python.sh": "images/ensure-python.sh",
+                "images/install-venv.sh": "images/install-venv.sh",
             },
         ),
         ImageSpec(

@@ -84,6 +84,11 @@ def probe_checks(found: dict[str, Any], policy: Policy) -> list[Check]:
     ]
 
 
+def exit_code(checks: list[Check]) -> int:
+    """1 when any protection the policy asks for is not enforced."""
+    return 1 if any(c.required and not c.ok for c in checks) else 0
+
+
 def run_probe(engine: Engine, policy: Policy, image: str, appliance_id: str) -> dict[str, Any]:
     """Start a probe exactly as user code is started (hardened spec, internal network) and read its report."""
     suffix = uuid.uuid4().hex[:8]
@@ -168,4 +173,4 @@ def run_doctor(settings: Settings, *, probe_image: str | None, as_json: bool) ->
         print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed; "
               + ("every protection the policy asks for is enforced" if not failed
                  else f"{len(failed)} required protection(s) NOT enforced"))
-    return 1 if failed else 0
+    return exit_code(checks)

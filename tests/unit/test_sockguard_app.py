@@ -25,26 +25,13 @@ import h11
 import pytest
 
 from appliance.labels import MANAGED, ROLE
-from appliance.policy import PolicyError, load_policy
+from appliance.policy import load_policy
 from appliance.sockguard import load_table, rules
 from appliance.sockguard.app import Sockguard
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
-TINY_SECCOMP = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}
 MINE, NET, CREATED = "a" * 64, "d" * 64, "9" * 64
 IMAGE = "airlock/example-location:latest"
-
-
-def make_policy_dir(directory: Path) -> Path:
-    for path in REPO_POLICY.glob("*.yaml"):
-        shutil.copy(path, directory)
-    if (REPO_POLICY / "seccomp.json").exists():
-        shutil.copy(REPO_POLICY / "seccomp.json", directory)
-    try:
-        load_policy(directory)
-    except PolicyError:
-        (directory / "seccomp.json").write_text(json.dumps(TINY_SECCOMP))
-    return directory
 
 
 @dataclass
@@ -181,7 +168,7 @@ class Stack:
 @pytest.fixture
 def stack() -> Iterator[Stack]:
     tmp = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))  # short: unix socket paths max out at 108 bytes
-    policy_dir = make_policy_dir(tmp)
+    policy_dir = REPO_POLICY
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

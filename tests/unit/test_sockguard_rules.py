@@ -6,7 +6,6 @@ import asyncio
 import copy
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,29 +19,14 @@ from appliance.sockguard import Decision, Found, ImageInfo, Table, load_table, r
 from appliance.sockguard.inspect import Refusal, read_body
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
-TINY_SECCOMP = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}
 MINE, FOREIGN, APPLIANCE = "a" * 64, "b" * 64, "c" * 64
 NET, OPEN_NET, FOREIGN_NET = "d" * 64, "e" * 64, "f" * 64
 DEL = object()
 
 
-def make_policy_dir(directory: Path) -> Path:
-    """policy/*.yaml as shipped; the real seccomp.json if it loads, else a tiny deny-by-default one."""
-    for path in REPO_POLICY.glob("*.yaml"):
-        shutil.copy(path, directory)
-    if (REPO_POLICY / "seccomp.json").exists():
-        shutil.copy(REPO_POLICY / "seccomp.json", directory)
-    try:
-        load_policy(directory)
-    except PolicyError:
-        (directory / "seccomp.json").write_text(json.dumps(TINY_SECCOMP, indent=2))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Policy, Table]:
-    directory = make_policy_dir(tmp_path_factory.mktemp("policy"))
-    return load_policy(directory), load_table(directory, rules.CHECKS)
+    return load_policy(REPO_POLICY), load_table(REPO_POLICY, rules.CHECKS)
 
 
 class FakeLookups:
