@@ -94,7 +94,7 @@ class Reconciler:
             if kept.id not in self._known:
                 log.info("adopted code server %s for %s (spec %s)", kept.name, name, kept.spec_hash)
                 self._known.add(kept.id)
-            self._probe(name, kept, desired[name].image)
+            self._probe(name, kept, containers[kept.id], desired[name].image)
         for name in result.create:
             if name in specs and self.backoff.ready(name):
                 self._create(specs[name], desired[name])
@@ -116,7 +116,7 @@ class Reconciler:
         log.info("started code server %s for %s", spec.name, location.name)
         self._set(location.name, State.LOADING, container=spec.name, container_id=container.id, image=location.image)
 
-    def _probe(self, name: str, kept: Observed, image: str) -> None:
+    def _probe(self, name: str, kept: Observed, container: Container, image: str) -> None:
         previous = self.statuses.get(name)
         if kept.state == "running":
             result = health.ping(f"{kept.name}:{DEFAULT_PORT}", timeout=3.0)
@@ -135,9 +135,9 @@ class Reconciler:
                       error=detail, since=started)
             return
         # Never answered within the grace period: report why and replace it, with backoff.
-        self._failed(name, kept, self.engine.client.containers.get(kept.id), detail, image)
+        self._failed(name, kept, container, detail, image)
         try:
-            self.engine.remove(self.engine.client.containers.get(kept.id))
+            self.engine.remove(container)
         except LauncherError as exc:
             log.warning("%s", exc)
 
