@@ -33,6 +33,6 @@ test: images
 # Re-pin requirements/*.lock (hashes for every platform file) after editing requirements/*.in.
 lock:
 	$(PYTHON) -m pip install -q uv
-	cd requirements && for f in appliance usercode dev; do \
+	cd requirements && for f in appliance usercode controlplane dev; do \
 	  uv pip compile -q --generate-hashes --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
 	    --no-header --annotation-style line $$f.in -o $$f.lock; done

@@ -1,0 +1,1 @@
+"""Agent-facing gateway of the control plane: agent registry, work queue, long-poll API."""

@@ -1,0 +1,63 @@
+"""The agent API gateway as an ASGI app: authentication middleware outermost, then GraphQL.
+
+    POST /graphql         the agent API (protocol/schema.graphql), signed requests only
+    GET  /schema.graphql  the SDL this gateway serves (contract-tested against the checked-in file)
+    GET  /healthz         liveness
+"""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+from ariadne import graphql
+from graphql import print_schema
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from controlplane.gateway.auth import DEFAULT_MAX_BODY, SignedRequestMiddleware
+from controlplane.gateway.queue import WorkQueue
+from controlplane.gateway.resolvers import GatewayContext, bind
+from controlplane.gateway.schema import build_schema
+from controlplane.gateway.store import AgentStore
+from protocol.signing import NonceCache, SigningKey
+
+
+def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX_BODY,
+              max_skew_seconds: int = 300) -> Starlette:
+    store, queue = AgentStore(engine), WorkQueue(engine)
+    store.create_schema()
+    queue.create_schema()
+    schema = build_schema(*bind())
+    context = GatewayContext(store=store, queue=queue, key=key)
+
+    async def graphql_endpoint(request: Request) -> Response:
+        data = request.scope["auth"].body  # parsed once by the middleware, from the exact signed bytes
+        success, result = await graphql(schema, data, context_value={"request": request, "gateway": context},
+                                        debug=False)
+        if not success:
+            store.audit(operation="graphql", accepted=False, reason=json.dumps(result.get("errors"))[:500],
+                        key_id=request.scope["auth"].key_id)
+        return JSONResponse(result, status_code=200 if success else 400)
+
+    async def sdl(_: Request) -> Response:
+        return PlainTextResponse(print_schema(schema))
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    app = Starlette(
+        routes=[
+            Route("/graphql", graphql_endpoint, methods=["POST"]),
+            Route("/schema.graphql", sdl, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        middleware=[Middleware(SignedRequestMiddleware, store=store, max_body=max_body,
+                               nonces=NonceCache(window_seconds=max_skew_seconds * 2),
+                               max_skew_seconds=max_skew_seconds)],
+    )
+    app.state.store, app.state.queue, app.state.key = store, queue, key
+    return app

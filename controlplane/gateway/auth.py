@@ -1,0 +1,172 @@
+"""Authenticate once, before anything else: read the body (bounded), check the RFC 9421 signature and
+the GraphQL operation, and put the caller in scope["auth"]. Resolvers never see an unauthenticated call.
+
+Refusals are answered here with a clear 4xx and an audit entry, and nothing downstream runs:
+  400 malformed JSON / GraphQL · 401 unsigned, bad signature, tampered, unknown key, expired, replayed
+  403 revoked key · 413 body too large.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from graphql import GraphQLError, OperationDefinitionNode, parse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from controlplane.gateway.store import AgentRecord, AgentStore
+from protocol.errors import SignatureError
+from protocol.signing import NonceCache, RequestVerifier, key_id_of
+
+ENROLL_KEY_HEADER = "x-airlock-public-key"  # base64 of the raw Ed25519 public key being enrolled
+DEFAULT_MAX_BODY = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who signed the request: an enrolled agent, or (only for enrollAgent) the key being enrolled."""
+
+    key_id: str
+    agent: AgentRecord | None
+    enrolling_key: Ed25519PublicKey | None
+    operation: tuple[str, ...]  # top-level field names of the operation
+    body: dict[str, Any]
+
+
+class Refused(Exception):
+    def __init__(self, status: int, code: str, message: str, key_id: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.key_id = status, code, message, key_id
+
+
+def operation_fields(body: dict[str, Any]) -> tuple[str, str, tuple[str, ...]]:
+    """(operation type, name, top-level fields) of the operation the request would run."""
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise Refused(400, "malformed", "request body needs a GraphQL 'query' string")
+    try:
+        document = parse(query, max_tokens=5000)
+    except GraphQLError as exc:
+        raise Refused(400, "malformed", f"GraphQL syntax error: {exc.message}") from None
+    ops = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+    wanted = body.get("operationName")
+    chosen = [o for o in ops if wanted is None or (o.name and o.name.value == wanted)]
+    if len(chosen) != 1:
+        raise Refused(400, "malformed", "the document must hold exactly one operation (or name it)")
+    op = chosen[0]
+    fields = tuple(sel.name.value for sel in op.selection_set.selections if hasattr(sel, "name"))
+    return op.operation.value, (op.name.value if op.name else ""), fields
+
+
+class SignedRequestMiddleware:
+    """Pure ASGI middleware in front of POST /graphql."""
+
+    def __init__(self, app: ASGIApp, store: AgentStore, nonces: NonceCache, *, path: str = "/graphql",
+                 max_body: int = DEFAULT_MAX_BODY, max_skew_seconds: int = 300) -> None:
+        self.app, self.store, self.path, self.max_body = app, store, path, max_body
+        self.nonces, self.max_skew = nonces, max_skew_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await self._read_body(scope, receive)
+            scope["auth"] = self._authenticate(scope, body)
+        except Refused as refusal:
+            self.store.audit(operation=f"{scope['method']} {scope['path']}", accepted=False,
+                             reason=f"{refusal.code}: {refusal.message}", key_id=refusal.key_id)
+            await _refuse(send, refusal)
+            return
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        if scope["method"] != "POST":
+            raise Refused(405, "method", "the agent API takes POST only")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            raise Refused(413, "too-large", f"body larger than {self.max_body} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise Refused(413, "too-large", f"body larger than {self.max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def _authenticate(self, scope: Scope, body: bytes) -> Caller:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        query = scope.get("query_string", b"").decode("latin-1")
+        url = f"https://gateway{scope['path']}" + (f"?{query}" if query else "")
+        enrolling: dict[str, Ed25519PublicKey] = {}
+
+        def resolve(key_id: str) -> Ed25519PublicKey | None:
+            agent = self.store.by_key(key_id)
+            if agent is not None:
+                return _public_key(agent.public_key)
+            offered = _offered_key(headers)
+            if offered is not None and key_id_of(offered) == key_id:
+                enrolling[key_id] = offered
+                return offered
+            return None
+
+        verifier = RequestVerifier(resolve, self.nonces, max_skew_seconds=self.max_skew)
+        try:
+            verified = verifier.verify(scope["method"], url, headers, body)
+        except SignatureError as exc:
+            raise Refused(401, exc.reason, str(exc)) from None
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Refused(400, "malformed", f"body is not JSON: {exc}", verified.key_id) from None
+        if not isinstance(payload, dict):
+            raise Refused(400, "malformed", "body must be a JSON object", verified.key_id)
+        kind, _, fields = operation_fields(payload)
+        agent = self.store.by_key(verified.key_id)
+        if agent is None:
+            if (kind, fields) != ("mutation", ("enrollAgent",)):
+                raise Refused(401, "unknown-key", f"key {verified.key_id} is not enrolled", verified.key_id)
+            return Caller(verified.key_id, None, enrolling[verified.key_id], fields, payload)
+        if agent.status != "active":
+            raise Refused(403, "revoked", f"key {verified.key_id} of {agent.id} is {agent.status}", verified.key_id)
+        return Caller(verified.key_id, agent, None, fields, payload)
+
+
+def _public_key(pem: str) -> Ed25519PublicKey:
+    from protocol.signing import load_public_key
+
+    return load_public_key(pem)
+
+
+def _offered_key(headers: list[tuple[str, str]]) -> Ed25519PublicKey | None:
+    for name, value in headers:
+        if name.lower() == ENROLL_KEY_HEADER:
+            try:
+                return Ed25519PublicKey.from_public_bytes(base64.b64decode(value, validate=True))
+            except ValueError:
+                return None
+    return None
+
+
+async def _refuse(send: Send, refusal: Refused) -> None:
+    body = json.dumps({"errors": [{"message": refusal.message, "extensions": {"code": refusal.code}}]}).encode()
+    await send({"type": "http.response.start", "status": refusal.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,129 @@
+"""Thin resolvers: read the caller from scope["auth"], call the store or the queue, shape the answer.
+No SQL and no crypto here; authentication already happened in auth.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ariadne import MutationType, QueryType
+from cryptography.hazmat.primitives import serialization
+from graphql import GraphQLError, GraphQLResolveInfo
+
+from controlplane.gateway.auth import Caller
+from controlplane.gateway.queue import WorkQueue
+from controlplane.gateway.store import AgentStore, EnrollmentError
+from protocol.signing import SigningKey, load_public_key
+from protocol.work import work_signing_bytes
+
+MAX_WAIT_SECONDS = 30
+MAX_BATCH = 64
+
+
+@dataclass
+class GatewayContext:
+    store: AgentStore
+    queue: WorkQueue
+    key: SigningKey  # the control plane's own key: signs work, is pinned by agents
+
+
+def _caller(info: GraphQLResolveInfo) -> Caller:
+    return info.context["request"].scope["auth"]
+
+
+def _enrolled(info: GraphQLResolveInfo) -> Caller:
+    caller = _caller(info)
+    if caller.agent is None:
+        raise GraphQLError("this key is not enrolled")
+    return caller
+
+
+def _ctx(info: GraphQLResolveInfo) -> GatewayContext:
+    return info.context["gateway"]
+
+
+def _raw(pem_or_b64: str) -> bytes:
+    key = load_public_key(pem_or_b64)
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def bind() -> tuple[QueryType, MutationType]:
+    query, mutation = QueryType(), MutationType()
+
+    @query.field("agent")
+    def resolve_agent(_: Any, info: GraphQLResolveInfo) -> dict[str, Any]:
+        agent = _enrolled(info).agent
+        assert agent is not None
+        return {"id": agent.id, "deployment": agent.deployment, "keyId": agent.key_id, "labels": list(agent.labels)}
+
+    @mutation.field("enrollAgent")
+    def resolve_enroll(_: Any, info: GraphQLResolveInfo, token: str, publicKey: str, labels: list[str]) -> dict:
+        caller, ctx = _caller(info), _ctx(info)
+        if caller.agent is not None:
+            raise GraphQLError("this key is already enrolled")
+        assert caller.enrolling_key is not None
+        signed_raw = caller.enrolling_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        try:
+            same_key = _raw(publicKey) == signed_raw
+        except Exception:
+            same_key = False
+        if not same_key:
+            raise GraphQLError("publicKey is not the key that signed this request")
+        try:
+            agent = ctx.store.enroll(token, caller.key_id, publicKey, tuple(labels))
+        except EnrollmentError as exc:
+            ctx.store.audit(operation="enrollAgent", accepted=False, reason=str(exc), key_id=caller.key_id)
+            raise GraphQLError(f"enrollment refused: {exc}") from None
+        ctx.store.audit(operation="enrollAgent", accepted=True, reason="enrolled", key_id=caller.key_id,
+                        agent_id=agent.id)
+        return {"agentId": agent.id, "deployment": agent.deployment,
+                "controlPlaneKey": ctx.key.public_pem(), "controlPlaneKeyId": ctx.key.key_id}
+
+    @mutation.field("claimWork")
+    async def resolve_claim(_: Any, info: GraphQLResolveInfo, queues: list[str], waitSeconds: int = 25,
+                            limit: int = 16) -> list[dict]:
+        caller, ctx = _enrolled(info), _ctx(info)
+        assert caller.agent is not None
+        foreign = sorted(set(queues) - set(caller.agent.labels))
+        if foreign or not queues:
+            raise GraphQLError(f"queues {foreign or '[]'} are not among this agent's labels")
+        wait = max(0, min(waitSeconds, MAX_WAIT_SECONDS))
+        items = ctx.queue.claim(caller.agent.deployment, queues, caller.agent.id, limit=min(limit, MAX_BATCH))
+        if not items and wait and await ctx.queue.wait_for_work(caller.agent.deployment, queues, timeout=wait):
+            items = ctx.queue.claim(caller.agent.deployment, queues, caller.agent.id, limit=min(limit, MAX_BATCH))
+        out = []
+        for item in items:
+            payload = json.dumps(item.payload, sort_keys=True, separators=(",", ":"))
+            signature = ctx.key.sign_bytes(work_signing_bytes(item.id, item.kind, item.queue, payload))
+            out.append({"id": item.id, "kind": item.kind, "queue": item.queue, "payload": payload,
+                        "attempt": item.attempt, "signature": signature, "signedBy": ctx.key.key_id})
+        if out:
+            ctx.store.audit(operation="claimWork", accepted=True, reason=f"{len(out)} item(s)",
+                            key_id=caller.key_id, agent_id=caller.agent.id)
+        return out
+
+    @mutation.field("postResults")
+    def resolve_results(_: Any, info: GraphQLResolveInfo, results: list[dict]) -> int:
+        caller, ctx = _enrolled(info), _ctx(info)
+        assert caller.agent is not None
+        accepted = 0
+        for r in results[:MAX_BATCH * 4]:
+            try:
+                result = json.loads(r["payload"]) if r.get("payload") else None
+            except json.JSONDecodeError:
+                raise GraphQLError(f"result {r['id']}: payload is not JSON") from None
+            error = None if r["ok"] else (r.get("error") or "failed without a message")
+            accepted += ctx.queue.complete(r["id"], caller.agent.id, result=result, error=error)
+        ctx.store.audit(operation="postResults", accepted=True, reason=f"{accepted}/{len(results)} accepted",
+                        key_id=caller.key_id, agent_id=caller.agent.id)
+        return accepted
+
+    @mutation.field("heartbeat")
+    def resolve_heartbeat(_: Any, info: GraphQLResolveInfo, input: dict) -> bool:
+        caller, ctx = _enrolled(info), _ctx(info)
+        assert caller.agent is not None
+        ctx.store.record_heartbeat(caller.agent.id, input)
+        return True
+
+    return query, mutation

@@ -1,0 +1,157 @@
+"""Who may talk to the gateway: enrollment tokens, agents and their keys, and the audit log.
+
+SQLAlchemy Core on the same database as the work queue (SQLite by default, Postgres on-prem).
+Tokens are stored hashed; they are one-time and expire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+enrollment_tokens = sa.Table(
+    "airlock_enrollment_tokens", metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("deployment", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("used_at", sa.Float),
+    sa.Column("used_by", sa.String(64)),
+)
+
+agents = sa.Table(
+    "airlock_agents", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("deployment", sa.String(64), nullable=False),
+    sa.Column("key_id", sa.String(80), nullable=False, unique=True),
+    sa.Column("public_key", sa.Text, nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # active | revoked
+    sa.Column("enrolled_at", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float),
+    sa.Column("heartbeat", sa.Text),
+)
+
+audit_log = sa.Table(
+    "airlock_audit_log", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("key_id", sa.String(80)),
+    sa.Column("agent_id", sa.String(64)),
+    sa.Column("operation", sa.String(200), nullable=False),
+    sa.Column("accepted", sa.Boolean, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    id: str
+    deployment: str
+    key_id: str
+    public_key: str
+    labels: tuple[str, ...]
+    status: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: float
+    key_id: str | None
+    agent_id: str | None
+    operation: str
+    accepted: bool
+    reason: str
+
+
+class EnrollmentError(Exception):
+    """The enrollment token is unknown, used or expired (the message says which)."""
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AgentStore:
+    def __init__(self, engine: sa.Engine, *, clock: Callable[[], float] = time.time) -> None:
+        self.engine, self.clock = engine, clock
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.engine)
+
+    # -- enrollment -------------------------------------------------------------------------------
+    def create_token(self, deployment: str, ttl_seconds: float = 3600) -> str:
+        token = "airlock-enroll-" + secrets.token_urlsafe(32)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            conn.execute(enrollment_tokens.insert().values(
+                token_hash=_hash(token), deployment=deployment, created_at=now, expires_at=now + ttl_seconds))
+        return token
+
+    def enroll(self, token: str, key_id: str, public_key: str, labels: tuple[str, ...]) -> AgentRecord:
+        """Consume the token and register the key, atomically: a token enrolls exactly one agent."""
+        now = self.clock()
+        agent_id = "agent-" + uuid.uuid4().hex[:12]
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(enrollment_tokens).where(
+                enrollment_tokens.c.token_hash == _hash(token))).first()
+            if row is None:
+                raise EnrollmentError("unknown enrollment token")
+            if row.used_at is not None:
+                raise EnrollmentError("enrollment token already used")
+            if row.expires_at < now:
+                raise EnrollmentError("enrollment token expired")
+            if conn.execute(sa.select(agents.c.id).where(agents.c.key_id == key_id)).first():
+                raise EnrollmentError("this key is already enrolled")
+            claimed = conn.execute(enrollment_tokens.update().where(
+                (enrollment_tokens.c.token_hash == row.token_hash) & enrollment_tokens.c.used_at.is_(None)
+            ).values(used_at=now, used_by=agent_id))
+            if claimed.rowcount != 1:
+                raise EnrollmentError("enrollment token already used")
+            conn.execute(agents.insert().values(
+                id=agent_id, deployment=row.deployment, key_id=key_id, public_key=public_key,
+                labels=json.dumps(list(labels)), status="active", enrolled_at=now))
+        return AgentRecord(agent_id, row.deployment, key_id, public_key, labels, "active")
+
+    # -- agents -----------------------------------------------------------------------------------
+    def by_key(self, key_id: str) -> AgentRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(agents).where(agents.c.key_id == key_id)).first()
+        if row is None:
+            return None
+        return AgentRecord(row.id, row.deployment, row.key_id, row.public_key, tuple(json.loads(row.labels)),
+                           row.status)
+
+    def revoke(self, agent_id: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(agents.update().where(agents.c.id == agent_id).values(status="revoked")).rowcount == 1
+
+    def record_heartbeat(self, agent_id: str, heartbeat: dict) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(agents.update().where(agents.c.id == agent_id).values(
+                last_seen=self.clock(), heartbeat=json.dumps(heartbeat)))
+
+    def list_agents(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(sa.select(agents).order_by(agents.c.enrolled_at))]
+
+    # -- audit ------------------------------------------------------------------------------------
+    def audit(self, *, operation: str, accepted: bool, reason: str, key_id: str | None = None,
+              agent_id: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(audit_log.insert().values(at=self.clock(), key_id=key_id, agent_id=agent_id,
+                                                   operation=operation[:200], accepted=accepted, reason=reason))
+
+    def audit_entries(self, limit: int = 100) -> list[AuditEntry]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)).all()
+        return [AuditEntry(r.at, r.key_id, r.agent_id, r.operation, r.accepted, r.reason) for r in rows]

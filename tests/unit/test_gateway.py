@@ -1,0 +1,221 @@
+"""The agent API gateway in-process: enrollment, long-poll work, results, and every kind of bad input
+refused with a clear 4xx, an audit entry and no state change."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from starlette.testclient import TestClient
+
+from appliance.agent import operations
+from appliance.agent.transport import GatewayClient, GatewayError
+from controlplane.gateway.app import build_app
+from protocol.errors import SignatureError
+from protocol.signing import SigningKey, sign_request
+
+URL = "https://gateway/graphql"
+
+
+@dataclass
+class Gateway:
+    app: object
+    http: TestClient
+    key: SigningKey
+
+    @property
+    def store(self):
+        return self.app.state.store
+
+    @property
+    def queue(self):
+        return self.app.state.queue
+
+    def agent(self, labels: list[str] | None = None) -> GatewayClient:
+        client = GatewayClient(self.http, SigningKey.generate())
+        client.enroll(self.store.create_token("prod"), labels or ["default"])
+        return client
+
+    def state(self) -> tuple[int, int, int]:
+        """(agents, pending work, claimed-or-done work): what a refused request must not change."""
+        agents = len(self.store.list_agents())
+        pending = self.queue.pending_count("prod", "default")
+        with self.store.engine.connect() as conn:
+            total = conn.execute(sa.text("select count(*) from airlock_work_items")).scalar_one()
+        return agents, pending, total - pending
+
+
+@pytest.fixture
+def gw(tmp_path: Path) -> Gateway:
+    key = SigningKey.generate()
+    app = build_app(sa.create_engine(f"sqlite:///{tmp_path}/cp.db"), key)
+    return Gateway(app, TestClient(app, base_url="https://gateway"), key)
+
+
+def signed(key: SigningKey, body: bytes, *, created: int | None = None, extra: dict | None = None) -> dict[str, str]:
+    headers = {"content-type": "application/json", **(extra or {})}
+    headers.update(sign_request("POST", URL, headers, body, key, created=created))
+    return headers
+
+
+def body_of(query: str, variables: dict | None = None) -> bytes:
+    return json.dumps({"query": query, "variables": variables or {}}).encode()
+
+
+def test_enroll_whoami_and_pinned_key(gw: Gateway) -> None:
+    agent = gw.agent(["default", "gpu"])
+    me = agent.whoami()
+    assert me["deployment"] == "prod" and me["labels"] == ["default", "gpu"]
+    assert me["keyId"] == agent.key.key_id
+    assert agent.pinned is not None
+    assert any(e.operation == "enrollAgent" and e.accepted for e in gw.store.audit_entries())
+
+
+def test_long_poll_wakes_on_enqueue_and_work_is_signed(gw: Gateway) -> None:
+    agent = gw.agent()
+    timer = threading.Timer(0.3, lambda: gw.queue.enqueue("prod", "default", "GRPC_CALL", {"method": "Ping"}))
+    timer.start()
+    started = time.monotonic()
+    work = agent.claim_work(["default"], wait_seconds=10)
+    waited = time.monotonic() - started
+    assert [w.kind for w in work] == ["GRPC_CALL"] and json.loads(work[0].payload) == {"method": "Ping"}
+    assert waited < 5, waited  # woke on the enqueue, not at the end of the poll
+    assert agent.post_results([{"id": work[0].id, "ok": True, "payload": json.dumps({"answer": 1})}]) == 1
+    assert gw.queue.result(work[0].id).result == {"answer": 1}
+
+
+def test_agent_refuses_work_not_signed_by_the_pinned_key(gw: Gateway) -> None:
+    agent = gw.agent()
+    gw.queue.enqueue("prod", "default", "LAUNCH_RUN", {"run": "r1"})
+    raw = agent.execute(operations.CLAIM_WORK, {"queues": ["default"], "waitSeconds": 0})["claimWork"][0]
+    agent.verify_work(raw)  # genuine
+    with pytest.raises(SignatureError):
+        agent.verify_work({**raw, "payload": json.dumps({"run": "r2"})})
+    forged = SigningKey.generate()
+    with pytest.raises(SignatureError):
+        agent.verify_work({**raw, "signature": forged.sign_bytes(b"x"), "signedBy": forged.key_id})
+
+
+def test_agent_cannot_claim_queues_it_does_not_serve(gw: Gateway) -> None:
+    agent = gw.agent(["default"])
+    gw.queue.enqueue("prod", "other", "GRPC_CALL", {})
+    with pytest.raises(GatewayError, match="not among this agent's labels"):
+        agent.claim_work(["other"], wait_seconds=0)
+    assert gw.queue.pending_count("prod", "other") == 1
+
+
+CLAIM = body_of(operations.CLAIM_WORK, {"queues": ["default"], "waitSeconds": 0})
+
+
+def _bad_requests(gw: Gateway, enrolled: GatewayClient) -> dict[str, tuple[bytes, dict[str, str], int, str]]:
+    key = enrolled.key
+    stranger = SigningKey.generate()
+    ok_headers = signed(key, CLAIM)
+    forged = signed(stranger, CLAIM)
+    forged["signature-input"] = forged["signature-input"].replace(stranger.key_id, key.key_id)
+    tampered_digest = dict(ok_headers, **{"content-digest": "sha-256=:" + "A" * 43 + "=:"})
+    return {
+        "unsigned": (CLAIM, {"content-type": "application/json"}, 401, "unsigned"),
+        "bad signature": (CLAIM, forged, 401, "bad-signature"),
+        "tampered body": (CLAIM.replace(b'"waitSeconds": 0', b'"waitSeconds": 1'), signed(key, CLAIM), 401,
+                          "digest-mismatch"),
+        "wrong digest": (CLAIM, tampered_digest, 401, "digest"),
+        "unknown key": (CLAIM, signed(stranger, CLAIM), 401, "unknown-key"),
+        "expired": (CLAIM, signed(key, CLAIM, created=int(time.time()) - 3600), 401, "expired"),
+        "future": (CLAIM, signed(key, CLAIM, created=int(time.time()) + 3600), 401, "future"),
+        "malformed graphql": (b'{"query": "mutation {"}', signed(key, b'{"query": "mutation {"}'), 400, "malformed"),
+        "malformed json": (b"{not json", signed(key, b"{not json"), 400, "malformed"),
+        "two operations": (body_of("query A { agent { id } } query B { agent { id } }"),
+                           signed(key, body_of("query A { agent { id } } query B { agent { id } }")), 400, "malformed"),
+    }
+
+
+def test_bad_input_is_refused_audited_and_changes_nothing(gw: Gateway) -> None:
+    enrolled = gw.agent()
+    gw.queue.enqueue("prod", "default", "GRPC_CALL", {"method": "Ping"})
+    before = gw.state()
+    audited = len(gw.store.audit_entries(1000))
+    cases = _bad_requests(gw, enrolled)
+    for name, (body, headers, status, code) in cases.items():
+        response = gw.http.post("/graphql", content=body, headers=headers)
+        assert response.status_code == status, (name, response.status_code, response.text)
+        error = response.json()["errors"][0]
+        assert code in error["extensions"]["code"], (name, error)
+        assert error["message"], name
+        assert gw.state() == before, name
+    refusals = [e for e in gw.store.audit_entries(1000)[: len(gw.store.audit_entries(1000)) - audited]]
+    assert len(refusals) == len(cases) and not any(e.accepted for e in refusals)
+
+
+def test_replayed_request_is_refused_once_the_original_was_accepted(gw: Gateway) -> None:
+    enrolled = gw.agent()
+    headers = signed(enrolled.key, CLAIM)
+    assert gw.http.post("/graphql", content=CLAIM, headers=headers).status_code == 200
+    replay = gw.http.post("/graphql", content=CLAIM, headers=headers)
+    assert replay.status_code == 401 and replay.json()["errors"][0]["extensions"]["code"] == "replayed"
+
+
+def test_oversized_body_is_refused_before_anything_else(gw: Gateway) -> None:
+    enrolled = gw.agent()
+    big = body_of("query { agent { id } }", {"pad": "x" * (2 * 1024 * 1024)})
+    response = gw.http.post("/graphql", content=big, headers=signed(enrolled.key, big))
+    assert response.status_code == 413
+    assert response.json()["errors"][0]["extensions"]["code"] == "too-large"
+
+
+def test_enrollment_token_used_or_expired_is_refused(gw: Gateway) -> None:
+    token = gw.store.create_token("prod")
+    GatewayClient(gw.http, SigningKey.generate()).enroll(token, ["default"])
+    agents = len(gw.store.list_agents())
+    with pytest.raises(GatewayError, match="already used"):
+        GatewayClient(gw.http, SigningKey.generate()).enroll(token, ["default"])
+    expired = gw.store.create_token("prod", ttl_seconds=-1)
+    with pytest.raises(GatewayError, match="expired"):
+        GatewayClient(gw.http, SigningKey.generate()).enroll(expired, ["default"])
+    with pytest.raises(GatewayError, match="unknown enrollment token"):
+        GatewayClient(gw.http, SigningKey.generate()).enroll("airlock-enroll-guess", ["default"])
+    assert len(gw.store.list_agents()) == agents
+    enrollments = [e for e in gw.store.audit_entries(20) if e.operation == "enrollAgent"]
+    assert [e.accepted for e in enrollments[:4]] == [False, False, False, True]  # newest first
+
+
+def test_enrollment_must_be_signed_by_the_key_it_registers(gw: Gateway) -> None:
+    key, other = SigningKey.generate(), SigningKey.generate()
+    body = body_of(operations.ENROLL, {"token": gw.store.create_token("prod"), "publicKey": other.public_pem(),
+                                       "labels": ["default"]})
+    client = GatewayClient(gw.http, key)
+    response = gw.http.post("/graphql", content=body, headers=signed(key, body, extra=_offer(key)))
+    assert response.status_code == 400 and "not the key that signed" in response.text
+    assert gw.store.list_agents() == []
+    del client
+
+
+def test_revoked_key_is_refused_at_once(gw: Gateway) -> None:
+    agent = gw.agent()
+    agent_id = agent.whoami()["id"]
+    assert gw.store.revoke(agent_id)
+    with pytest.raises(GatewayError) as excinfo:
+        agent.whoami()
+    assert excinfo.value.status == 403 and excinfo.value.code == "revoked"
+
+
+def _offer(key: SigningKey) -> dict[str, str]:
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    raw = key.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return {"x-airlock-public-key": base64.b64encode(raw).decode()}
+
+
+def test_transport_errors_are_gateway_errors(gw: Gateway) -> None:
+    client = GatewayClient(httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(502, text="bad")),
+                                        base_url="https://gateway"), SigningKey.generate())
+    with pytest.raises(GatewayError, match="without JSON"):
+        client.whoami()
