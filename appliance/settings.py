@@ -20,6 +20,12 @@ class Settings:
     egress_port: int
     container_id: str  # this appliance's own container (Docker sets HOSTNAME to its short id)
     reconcile_interval: float
+    # Connected mode (the control plane is the source of desired locations); empty = standalone.
+    control_plane_url: str = ""
+    enroll_token: str = ""
+    control_plane_fingerprint: str = ""  # expected control-plane key id, pinned at enrollment
+    ca_file: str = ""  # trust only this CA for the gateway's TLS certificate
+    queues: tuple[str, ...] = ("default",)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -37,4 +43,18 @@ class Settings:
             egress_port=int(env.get("AIRLOCK_EGRESS_PORT", "3128")),
             container_id=env.get("AIRLOCK_CONTAINER_ID") or env.get("HOSTNAME") or socket.gethostname(),
             reconcile_interval=float(env.get("AIRLOCK_RECONCILE_INTERVAL", "5")),
+            control_plane_url=env.get("AIRLOCK_CONTROL_PLANE_URL", "").rstrip("/"),
+            enroll_token=_secret(env, "AIRLOCK_ENROLL_TOKEN"),
+            control_plane_fingerprint=env.get("AIRLOCK_CONTROL_PLANE_FINGERPRINT", ""),
+            ca_file=env.get("AIRLOCK_CA_FILE", ""),
+            queues=tuple(q for q in env.get("AIRLOCK_QUEUES", "default").split(",") if q),
         )
+
+
+def _secret(env: Mapping[str, str], name: str) -> str:
+    """A secret from NAME, or from the file NAME_FILE points at (so it need not sit in the environment)."""
+    path = env.get(f"{name}_FILE")
+    if path:
+        with open(path) as f:
+            return f.read().strip()
+    return env.get(name, "")

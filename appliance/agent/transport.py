@@ -64,6 +64,9 @@ class GatewayClient:
         self.client, self.key = client, key
         self.pinned: Ed25519PublicKey | None = load_public_key(control_plane_key) if control_plane_key else None
 
+    def pin(self, control_plane_key: str) -> None:
+        self.pinned = load_public_key(control_plane_key)
+
     def execute(self, query: str, variables: dict[str, Any] | None = None, *, timeout: float = 40.0,
                 enrolling: bool = False) -> dict[str, Any]:
         response = self.client.post("/graphql", json={"query": query, "variables": variables or {}},

@@ -1,7 +1,7 @@
 """Policy as data: versioned YAML files -> validated, immutable model. See policy/*.yaml."""
 
 from appliance.policy.errors import PolicyError
-from appliance.policy.loader import canonical_seccomp, load_locations, load_policy
+from appliance.policy.loader import canonical_seccomp, load_locations, load_policy, locations_from_data
 from appliance.policy.model import (
     Bounds,
     EgressAllow,
@@ -28,4 +28,5 @@ __all__ = [
     "canonical_seccomp",
     "load_locations",
     "load_policy",
+    "locations_from_data",
 ]

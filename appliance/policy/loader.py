@@ -207,7 +207,18 @@ def _load_egress(path: Path) -> EgressPolicy:
 
 def load_locations(path: str | os.PathLike[str], policy: Policy) -> tuple[Location, ...]:
     """Read locations.yaml; resources may tighten the policy defaults and loosen them only within bounds."""
-    f = read_yaml(Path(path))
+    return locations_from_fields(read_yaml(Path(path)), policy)
+
+
+def locations_from_data(data: Any, policy: Policy, *, source: str) -> tuple[Location, ...]:
+    """The same checks for a desired set that arrives as data (from the control plane), named by `source`."""
+    fields = Fields(source, data)
+    if fields.raw("version", required=True) != SUPPORTED_VERSION:
+        raise fields.error("version", f"unsupported version; this airlock reads {SUPPORTED_VERSION}")
+    return locations_from_fields(fields, policy)
+
+
+def locations_from_fields(f: Fields, policy: Policy) -> tuple[Location, ...]:
     seen: set[str] = set()
     locations = []
     for entry in f.children("locations"):

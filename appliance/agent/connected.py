@@ -1,0 +1,121 @@
+"""Connected mode: desired locations come from the control plane, work arrives by long poll.
+
+Three loops, each small: the poller (claim work, verify, dispatch), the heartbeat (what runs here),
+and the reconcile loop (the same Reconciler as standalone mode). Signals only set `stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from appliance.agent.dispatcher import Dispatcher, Handler, HandlerError
+from appliance.agent.reconciler import Reconciler
+from appliance.agent.results import ResultBatcher
+from appliance.agent.status import write_status
+from appliance.agent.transport import GatewayClient
+from appliance.policy import Location, Policy, PolicyError, locations_from_data
+from protocol.work import SignedWork, WorkKind
+
+log = logging.getLogger("airlock.agent.connected")
+DESIRED_FILE = "desired.json"
+
+
+class DesiredLocations:
+    """The last desired set the control plane sent, validated against local policy, kept on disk."""
+
+    def __init__(self, state_dir: str, policy: Policy) -> None:
+        self.path, self.policy = Path(state_dir) / DESIRED_FILE, policy
+        self._lock = threading.Lock()
+        self.locations: tuple[Location, ...] = ()
+        if self.path.exists():
+            try:
+                self.locations = self._validate(json.loads(self.path.read_text()))
+            except (PolicyError, ValueError) as exc:
+                log.error("ignoring the stored desired locations: %s", exc)
+
+    def _validate(self, data: Any) -> tuple[Location, ...]:
+        return locations_from_data(data, self.policy, source="control plane RECONCILE_LOCATIONS")
+
+    def update(self, data: Any) -> tuple[Location, ...]:
+        try:
+            locations = self._validate(data)
+        except PolicyError as exc:
+            raise HandlerError(f"refused by this appliance's policy: {exc}") from None
+        with self._lock:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(self.path)
+            self.locations = locations
+        return locations
+
+
+def reconcile_locations_handler(desired: DesiredLocations, wake: threading.Event) -> Handler:
+    def handle(work: SignedWork) -> dict[str, Any]:
+        locations = desired.update(json.loads(work.payload))
+        wake.set()
+        return {"accepted": [loc.name for loc in locations]}
+
+    return handle
+
+
+class ConnectedAgent:
+    def __init__(self, client: GatewayClient, reconciler: Reconciler, desired: DesiredLocations, *,
+                 queues: list[str], state_dir: str, handlers: dict[WorkKind, Handler] | None = None,
+                 reconcile_interval: float = 5.0, heartbeat_interval: float = 10.0,
+                 max_concurrency: int = 8) -> None:
+        self.client, self.reconciler, self.desired = client, reconciler, desired
+        self.queues, self.state_dir = queues, state_dir
+        self.reconcile_interval, self.heartbeat_interval = reconcile_interval, heartbeat_interval
+        self.wake = threading.Event()  # set when the desired set changes: reconcile now, not at the next tick
+        self.results = ResultBatcher(client.post_results)
+        registry = {WorkKind.RECONCILE_LOCATIONS: reconcile_locations_handler(desired, self.wake), **(handlers or {})}
+        self.dispatcher = Dispatcher(registry, self.results.add, max_workers=max_concurrency)
+
+    def run(self, stop: threading.Event) -> None:
+        threads = [threading.Thread(target=self._poll_loop, args=(stop,), name="airlock-poll", daemon=True),
+                   threading.Thread(target=self._heartbeat_loop, args=(stop,), name="airlock-heartbeat",
+                                    daemon=True)]
+        for thread in threads:
+            thread.start()
+        while not stop.is_set():
+            try:
+                write_status(self.state_dir, self.reconciler.reconcile(self.desired.locations))
+            except Exception as exc:  # a failed pass is retried on the next tick
+                log.warning("reconcile pass failed, will retry: %s", exc)
+            self.wake.wait(self.reconcile_interval)
+            self.wake.clear()
+        self.dispatcher.shutdown()
+        self.results.close()
+
+    def _poll_loop(self, stop: threading.Event) -> None:
+        self._retrying(stop, lambda: [self.dispatcher.submit(w) for w in self.client.claim_work(self.queues)])
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        def beat() -> None:
+            states = [{"name": s.name, "state": s.state.value, "error": (s.error or "")[-2000:] or None}
+                      for s in self.reconciler.statuses.values()]
+            self.client.heartbeat(states, running_containers=len(states))
+            stop.wait(self.heartbeat_interval)
+
+        self._retrying(stop, beat)
+
+    @staticmethod
+    def _retrying(stop: threading.Event, step: Callable[[], object]) -> None:
+        """Run step until stop; on failure back off exponentially with jitter (capped at 30 s)."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                step()
+                delay = 0.5
+            except Exception as exc:  # gateway refusals, network trouble, bad answers: all retried
+                wait = delay * (0.5 + random.random())
+                log.warning("%s failed (%s: %s); retrying in %.1f s", getattr(step, "__name__", "call"),
+                            type(exc).__name__, exc, wait)
+                stop.wait(wait)
+                delay = min(delay * 2, 30.0)

@@ -1,0 +1,122 @@
+"""Connected mode against an in-process gateway: enrollment once, desired locations by signed work,
+policy bounds enforced on what the control plane asks, unknown work answered, heartbeats recorded."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from starlette.testclient import TestClient
+
+from appliance.agent.connected import ConnectedAgent, DesiredLocations
+from appliance.agent.identity import ensure_enrolled, load_or_create_key
+from appliance.agent.status import ApplianceStatus, LocationStatus, State
+from appliance.agent.transport import GatewayClient
+from appliance.policy import Location, load_policy
+from controlplane.gateway.app import build_app
+from protocol.signing import SigningKey
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICY = load_policy(ROOT / "policy")
+
+
+@dataclass
+class FakeReconciler:
+    seen: list[tuple[str, ...]] = field(default_factory=list)
+    statuses: dict[str, LocationStatus] = field(default_factory=dict)
+
+    def reconcile(self, locations: tuple[Location, ...]) -> ApplianceStatus:
+        self.seen.append(tuple(loc.name for loc in locations))
+        self.statuses = {loc.name: LocationStatus(loc.name, State.LOADED) for loc in locations}
+        return ApplianceStatus("t", time.time(), dict(self.statuses))
+
+
+def desired(*names: str, memory: str = "512m") -> dict:
+    return {"version": 1, "locations": [
+        {"name": n, "image": "airlock/example-location@sha256:" + "a" * 64, "module": "example_location.definitions",
+         "resources": {"memory": memory}, "egress": {"allow": ["pypi.org:443"]}} for n in names]}
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    app = build_app(sa.create_engine(f"sqlite:///{tmp_path}/cp.db"), SigningKey.generate())
+    http = TestClient(app, base_url="https://gateway")
+    state = tmp_path / "state"
+    state.mkdir()
+    client = GatewayClient(http, load_or_create_key(str(state)))
+    ensure_enrolled(client, str(state), token=app.state.store.create_token("prod"), queues=["default"])
+    reconciler = FakeReconciler()
+    desired_locations = DesiredLocations(str(state), POLICY)
+    agent = ConnectedAgent(client, reconciler, desired_locations, queues=["default"],  # type: ignore[arg-type]
+                           state_dir=str(state), reconcile_interval=0.2, heartbeat_interval=0.2)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    yield app, agent, reconciler, state
+    stop.set()
+    app.state.queue.enqueue("prod", "default", "GRPC_CALL", {})  # end the long poll
+    thread.join(10)
+
+
+def _result(app, item_id: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = app.state.queue.result(item_id)
+        if result is not None:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"no result for {item_id}")
+
+
+def test_enrollment_is_stored_and_reused_without_a_token(world, tmp_path: Path) -> None:
+    app, _, _, state = world
+    assert (state / "agent.key").stat().st_mode & 0o777 == 0o600
+    again = GatewayClient(TestClient(app, base_url="https://gateway"), load_or_create_key(str(state)))
+    enrollment = ensure_enrolled(again, str(state), token="", queues=["default"])
+    assert again.whoami()["id"] == enrollment.agent_id
+
+
+def test_desired_locations_arrive_by_signed_work_and_survive_restart(world) -> None:
+    app, _, reconciler, state = world
+    item = app.state.queue.enqueue("prod", "default", "RECONCILE_LOCATIONS", desired("alpha", "beta"))
+    result = _result(app, item)
+    assert result.status == "done" and result.result == {"accepted": ["alpha", "beta"]}
+    deadline = time.monotonic() + 5
+    while ("alpha", "beta") not in reconciler.seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ("alpha", "beta") in reconciler.seen
+    reloaded = DesiredLocations(str(state), POLICY)
+    assert [loc.name for loc in reloaded.locations] == ["alpha", "beta"]
+
+
+def test_control_plane_cannot_loosen_past_local_policy(world) -> None:
+    app, agent, _, _ = world
+    item = app.state.queue.enqueue("prod", "default", "RECONCILE_LOCATIONS", desired("alpha", memory="64g"))
+    result = _result(app, item)
+    assert result.status == "failed" and "bounds.memory_max" in result.error
+    assert agent.desired.locations == ()
+
+
+def test_unknown_work_is_answered_not_dropped(world) -> None:
+    app, _, _, _ = world
+    item = app.state.queue.enqueue("prod", "default", "LAUNCH_RUN", {"run_id": "r1"})
+    result = _result(app, item)
+    assert result.status == "failed" and "does not handle LAUNCH_RUN" in result.error
+
+
+def test_heartbeat_reaches_the_control_plane(world) -> None:
+    app, _, _, _ = world
+    app.state.queue.enqueue("prod", "default", "RECONCILE_LOCATIONS", desired("alpha"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        beats = [json.loads(a["heartbeat"]) for a in app.state.store.list_agents() if a["heartbeat"]]
+        if beats and beats[-1]["locations"]:
+            assert beats[-1]["locations"][0]["name"] == "alpha"
+            return
+        time.sleep(0.1)
+    raise AssertionError("no heartbeat with the location arrived")
