@@ -23,12 +23,12 @@ lint: setup
 	$(PYTHON) -m ruff check .
 
 unit: setup
-	$(PYTHON) -m pytest -q tests/unit $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q tests/unit tests/contract $(PYTEST_ARGS)
 
 # Everything: lint, unit, then the real-Docker layers (images are built first, cached by content hash).
 test: images
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest tests/unit tests/integration tests/escape tests/e2e $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/unit tests/contract tests/integration tests/escape tests/e2e $(PYTEST_ARGS)
 
 # Re-pin requirements/*.lock (hashes for every platform file) after editing requirements/*.in.
 lock:
