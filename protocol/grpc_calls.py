@@ -95,9 +95,11 @@ METHODS: tuple[GrpcMethod, ...] = (
     _api("ExternalRepository", _UU, "read-only: the repository snapshot the workspace loads"),
     _api("ExternalJob", _UU, "read-only: one job's snapshot"),
     _api("StreamingExternalRepository", _US, "read-only: the repository snapshot in chunks (large repositories)"),
-    _api("ExternalScheduleExecution", _US, "the daemon's schedule tick: evaluates user code, which is what the code server is for"),
+    _api("ExternalScheduleExecution", _US, "the daemon's schedule tick: evaluates user code, the code "
+         "server's purpose"),
     _api("SyncExternalScheduleExecution", _UU, "schedule tick evaluation, unary form"),
-    _api("ExternalSensorExecution", _US, "the daemon's sensor tick: evaluates user code, which is what the code server is for"),
+    _api("ExternalSensorExecution", _US, "the daemon's sensor tick: evaluates user code, the code server's "
+         "purpose"),
     _api("SyncExternalSensorExecution", _UU, "sensor tick evaluation, unary form"),
     _api("ShutdownServer", _UU, "the agent owns code server lifecycles (reconcile); Dagster treats a refusal "
          "as 'already shut down'", relayed=False),

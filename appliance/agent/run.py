@@ -109,15 +109,51 @@ def main() -> None:
         egress_routes=settings.egress_routes,
         egress_port=policy.egress.port,
     )
-    log.info("agent %s running as uid %d, reconciling every %.0f s", settings.appliance_id, os.getuid(),
-             settings.reconcile_interval)
+    if settings.control_plane_url:
+        run_connected(settings, policy, reconciler, stop)
+    else:
+        run_standalone(settings, locations, reconciler, stop)
+    log.info("agent stopped; code servers keep running and will be adopted")
+
+
+def run_standalone(settings: Settings, locations: LocationsFile, reconciler: Reconciler,
+                   stop: threading.Event) -> None:
+    log.info("agent %s (standalone: %s) running as uid %d, reconciling every %.0f s", settings.appliance_id,
+             settings.locations_file, os.getuid(), settings.reconcile_interval)
     while not stop.is_set():
         try:
             write_status(settings.state_dir, reconciler.reconcile(locations.load()))
         except (docker.errors.DockerException, OSError) as exc:
             log.warning("reconcile pass failed, will retry: %s", exc)
         stop.wait(settings.reconcile_interval)
-    log.info("agent stopped; code servers keep running and will be adopted")
+
+
+def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, stop: threading.Event) -> None:
+    """Desired locations and work from the control plane, over signed long polls."""
+    import ssl
+
+    import httpx
+
+    from appliance.agent.connected import ConnectedAgent, DesiredLocations
+    from appliance.agent.grpc_handler import grpc_call_handler
+    from appliance.agent.grpc_replay import GrpcReplayer
+    from appliance.agent.identity import ensure_enrolled, load_or_create_key
+    from appliance.agent.transport import GatewayClient
+    from protocol.work import WorkKind
+
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else True
+    http = httpx.Client(base_url=settings.control_plane_url, verify=verify, timeout=httpx.Timeout(60.0, connect=10.0))
+    client = GatewayClient(http, load_or_create_key(settings.state_dir))
+    enrollment = ensure_enrolled(client, settings.state_dir, token=settings.enroll_token, queues=list(settings.queues),
+                                 fingerprint=settings.control_plane_fingerprint)
+    log.info("agent %s connected to %s as %s (queues %s)", settings.appliance_id, settings.control_plane_url,
+             enrollment.agent_id, ",".join(settings.queues))
+    agent = ConnectedAgent(
+        client, reconciler, DesiredLocations(settings.state_dir, policy), queues=list(settings.queues),
+        state_dir=settings.state_dir, reconcile_interval=settings.reconcile_interval,
+        handlers={WorkKind.GRPC_CALL: grpc_call_handler(GrpcReplayer(), lambda: dict(reconciler.statuses))},
+    )
+    agent.run(stop)
 
 
 if __name__ == "__main__":

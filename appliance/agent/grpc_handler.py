@@ -1,0 +1,29 @@
+"""GRPC_CALL work: replay the control plane's raw Dagster call against this location's code server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from appliance.agent.dispatcher import Handler
+from appliance.agent.grpc_replay import GrpcReplayer
+from appliance.agent.status import LocationStatus
+from protocol.dagster_grpc import DEFAULT_PORT
+from protocol.grpc_calls import GrpcResult
+from protocol.work import SignedWork
+
+
+def grpc_call_handler(replayer: GrpcReplayer, statuses: Callable[[], dict[str, LocationStatus]]) -> Handler:
+    """`statuses` gives the reconciler's current view: which container serves which location."""
+
+    def handle(work: SignedWork) -> dict[str, Any]:
+        payload = json.loads(work.payload)
+        location = payload.get("location")
+        status = statuses().get(location) if isinstance(location, str) else None
+        if status is None or not status.container:
+            return GrpcResult.failure("UNAVAILABLE", f"location {location!r} has no code server on this appliance "
+                                                     "(not desired here, or still starting)").to_result()
+        return replayer.replay(payload, f"{status.container}:{DEFAULT_PORT}")
+
+    return handle

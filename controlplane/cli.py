@@ -1,0 +1,299 @@
+"""`airlock-cp`: the control plane operator's tool for agents, the audit log and code locations.
+
+Every command opens the control plane database (`--db` or AIRLOCK_CP_DB), creates missing tables, does one
+thing and exits. Bad input exits 2 with the field named (`location add: image: ... not pinned by digest`), as
+argparse does for bad flags; a failure after the registry changed (e.g. the webserver reload) exits 1.
+
+When AIRLOCK_CP_WORKSPACE (or `--workspace`) is set, every location change re-renders that workspace.yaml, and
+with AIRLOCK_CP_WEBSERVER_URL also asks dagster-webserver to reload it. dagster-daemon re-reads the file by
+itself within about a minute (see controlplane/workspace.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from appliance.policy.errors import PolicyError
+from controlplane.gateway.queue import WorkQueue
+from controlplane.gateway.store import AgentStore
+from controlplane.registry import DEFAULT_PORT_RANGE, DEFAULT_QUEUE, LocationRecord, Registry
+from controlplane.workspace import DEFAULT_RELAY_HOST, WorkspaceReloadError, reload, render_workspace, write_workspace
+
+DEFAULT_DB = "sqlite:////var/lib/airlock-cp/cp.db"
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class _Context:
+    """The opened database and the services on it, built once per command from the global options."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        if args.db.startswith("sqlite:///") and args.db != "sqlite:///:memory:":
+            Path(args.db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = sa.create_engine(args.db)
+        self.store = AgentStore(self.engine)
+        self.queue = WorkQueue(self.engine)
+        self.registry = Registry(self.engine, self.queue, port_range=args.relay_ports)
+        for part in (self.store, self.queue, self.registry):
+            part.create_schema()
+
+
+# -- argument types ---------------------------------------------------------------------------------------
+def _duration(text: str) -> float:
+    m = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 1h or 7d")
+    return float(int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d{1,5})-(\d{1,5})", text.strip())
+    if not m or not 0 < int(m.group(1)) <= int(m.group(2)) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range like 4100-4299")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+def cmd_token_create(ctx: _Context) -> int:
+    token = ctx.store.create_token(ctx.args.deployment, ttl_seconds=ctx.args.ttl)
+    expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + ctx.args.ttl))
+    print(f"one-time enrollment token for deployment {ctx.args.deployment!r}, valid until {expires}; "
+          "it is shown only now:", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def cmd_agent_list(ctx: _Context) -> int:
+    agents = ctx.store.list_agents()
+    if ctx.args.json:
+        print(json.dumps(agents, indent=2, default=str))
+        return 0
+    print(f"{'ID':<20} {'DEPLOYMENT':<16} {'STATUS':<8} {'LAST SEEN':<20} LABELS")
+    for a in agents:
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["last_seen"])) if a.get("last_seen") else "never"
+        print(f"{a['id']:<20} {a['deployment']:<16} {a['status']:<8} {seen:<20} {','.join(json.loads(a['labels']))}")
+    return 0
+
+
+def cmd_agent_revoke(ctx: _Context) -> int:
+    if not ctx.store.revoke(ctx.args.agent_id):
+        raise PolicyError("agent revoke", "agent_id", f"no agent {ctx.args.agent_id!r} (see `airlock-cp agent list`)")
+    ctx.store.audit(operation="agent revoke", accepted=True, reason="revoked by operator", agent_id=ctx.args.agent_id)
+    print(f"revoked {ctx.args.agent_id}")
+    return 0
+
+
+def cmd_audit(ctx: _Context) -> int:
+    for e in ctx.store.audit_entries(ctx.args.limit):
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at))
+        verdict = "accepted" if e.accepted else "refused"
+        print(f"{at} {verdict:<8} {e.operation} key={e.key_id or '-'} agent={e.agent_id or '-'} {e.reason}")
+    return 0
+
+
+def _changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The location fields given on the command line, in locations.yaml shape; absent flags are left out."""
+    out: dict[str, Any] = {k: getattr(args, k) for k in ("image", "module", "package", "queue")
+                           if getattr(args, k) is not None}
+    if args.env is not None:
+        out["env"] = dict(args.env)
+    resources = {k: getattr(args, k) for k in ("memory", "cpus", "pids") if getattr(args, k) is not None}
+    if resources:
+        out["resources"] = resources
+    egress = {k: v for k, v in (("allow", args.egress), ("allow_cidrs", args.egress_cidr)) if v is not None}
+    if egress:
+        out["egress"] = egress
+    return out
+
+
+def cmd_location_add(ctx: _Context) -> int:
+    record = ctx.registry.add(ctx.args.deployment, {"name": ctx.args.name, **_changes(ctx.args)})
+    print(f"added {record.spec.name} (relay port {record.relay_port}, queue {record.spec.queue})")
+    return _after_change(ctx)
+
+
+def cmd_location_update(ctx: _Context) -> int:
+    before = ctx.registry.get(ctx.args.deployment, ctx.args.name)
+    record = ctx.registry.update(ctx.args.deployment, ctx.args.name, _changes(ctx.args))
+    changed = before is None or record.version != before.version
+    print(f"{'updated' if changed else 'unchanged:'} {record.spec.name} (version {record.version})")
+    return _after_change(ctx) if changed else 0
+
+
+def cmd_location_remove(ctx: _Context) -> int:
+    ctx.registry.remove(ctx.args.deployment, ctx.args.name)
+    print(f"removed {ctx.args.name}")
+    return _after_change(ctx)
+
+
+def _as_dict(r: LocationRecord) -> dict[str, Any]:
+    return {"deployment": r.deployment, **r.spec.entry(with_queue=True), "relay_port": r.relay_port,
+            "version": r.version, "created_at": r.created_at, "updated_at": r.updated_at}
+
+
+def cmd_location_list(ctx: _Context) -> int:
+    records = ctx.registry.list(ctx.args.deployment)
+    if ctx.args.json:
+        print(json.dumps([_as_dict(r) for r in records], indent=2))
+        return 0
+    print(f"{'NAME':<24} {'QUEUE':<12} {'PORT':<6} {'VER':<4} {'TARGET':<32} IMAGE")
+    for r in records:
+        target = f"module:{r.spec.module}" if r.spec.module else f"package:{r.spec.package}"
+        print(f"{r.spec.name:<24} {r.spec.queue:<12} {r.relay_port:<6} {r.version:<4} {target:<32} {r.spec.image}")
+    return 0
+
+
+def cmd_apply(ctx: _Context) -> int:
+    result = ctx.registry.apply(ctx.args.file, ctx.args.deployment)
+    for label, names in (("added", result.added), ("updated", result.updated), ("removed", result.removed),
+                         ("unchanged", result.unchanged)):
+        print(f"{label}: {', '.join(names) or '-'}")
+    return _after_change(ctx) if result.added or result.updated or result.removed else 0
+
+
+def cmd_workspace_render(ctx: _Context) -> int:
+    text = render_workspace(ctx.registry.list(ctx.args.deployment), ctx.args.relay_host)
+    if ctx.args.out is None:
+        sys.stdout.write(text)
+        return 0
+    written = write_workspace(ctx.args.out, text)
+    print(f"{'wrote' if written else 'unchanged:'} {ctx.args.out}")
+    return _reload(ctx) if ctx.args.reload else 0
+
+
+def _after_change(ctx: _Context) -> int:
+    """Re-render the configured workspace.yaml (and reload the webserver) so the UI sees the change now."""
+    if not ctx.args.workspace:
+        return 0
+    write_workspace(ctx.args.workspace, render_workspace(ctx.registry.list(ctx.args.deployment), ctx.args.relay_host))
+    print(f"rendered {ctx.args.workspace}")
+    return _reload(ctx) if ctx.args.webserver_url else 0
+
+
+def _reload(ctx: _Context) -> int:
+    if not ctx.args.webserver_url:
+        raise PolicyError("workspace render", "webserver_url", "--reload needs --webserver-url (or its env var)")
+    try:
+        loads = reload(ctx.args.webserver_url)
+    except WorkspaceReloadError as exc:
+        print(f"airlock-cp: the registry changed, but the webserver did not reload: {exc}; dagster-daemon still "
+              "picks the file up within a minute; retry with `airlock-cp workspace render --out ... --reload`",
+              file=sys.stderr)
+        return 1
+    for load in loads:
+        print(f"webserver: {load.name} {load.status}" + (f" — {load.error}" if load.error else ""))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------------
+def _location_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
+    p.add_argument("name")
+    p.add_argument("--image", required=adding, help="pinned by digest: repo@sha256:<64 hex>")
+    target = p.add_mutually_exclusive_group(required=adding)
+    target.add_argument("--module")
+    target.add_argument("--package")
+    p.add_argument("--env", action="append", type=_env_pair, metavar="KEY=VALUE", help="repeat; replaces all env")
+    p.add_argument("--queue", default=DEFAULT_QUEUE if adding else None, help="agent queue (label) that serves it")
+    p.add_argument("--memory", help="e.g. 512m (default: the appliance's)")
+    p.add_argument("--cpus", type=float)
+    p.add_argument("--pids", type=int)
+    p.add_argument("--egress", action="append", metavar="HOST:PORT", help="repeat; replaces the allow list")
+    p.add_argument("--egress-cidr", action="append", metavar="CIDR", help="repeat; replaces allow_cidrs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ
+    parser = argparse.ArgumentParser(prog="airlock-cp", description="airlock control plane administration")
+    parser.add_argument("--db", default=env.get("AIRLOCK_CP_DB", DEFAULT_DB), help="SQLAlchemy URL (AIRLOCK_CP_DB)")
+    ports = env.get("AIRLOCK_CP_RELAY_PORTS", "{}-{}".format(*DEFAULT_PORT_RANGE))
+    parser.add_argument("--relay-ports", type=_port_range, default=ports,
+                        help="range relay ports are allocated from (AIRLOCK_CP_RELAY_PORTS)")
+    parser.add_argument("--relay-host", default=env.get("AIRLOCK_CP_RELAY_HOST", DEFAULT_RELAY_HOST))
+    parser.add_argument("--workspace", default=env.get("AIRLOCK_CP_WORKSPACE"),
+                        help="workspace.yaml to re-render after every location change (AIRLOCK_CP_WORKSPACE)")
+    parser.add_argument("--webserver-url", default=env.get("AIRLOCK_CP_WEBSERVER_URL"),
+                        help="dagster-webserver to reload after rendering (AIRLOCK_CP_WEBSERVER_URL)")
+    deployment = argparse.ArgumentParser(add_help=False)
+    deployment.add_argument("--deployment", default=env.get("AIRLOCK_CP_DEPLOYMENT", "default"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    token = sub.add_parser("agent-token").add_subparsers(dest="action", required=True)
+    p = token.add_parser("create", parents=[deployment], help="print a one-time enrollment token")
+    p.add_argument("--ttl", type=_duration, default=3600.0, help="e.g. 30m, 1h (default), 7d")
+    p.set_defaults(func=cmd_token_create)
+
+    agent = sub.add_parser("agent").add_subparsers(dest="action", required=True)
+    p = agent.add_parser("list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_agent_list)
+    p = agent.add_parser("revoke")
+    p.add_argument("agent_id")
+    p.set_defaults(func=cmd_agent_revoke)
+
+    p = sub.add_parser("audit", help="latest audit log entries, newest first")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_audit)
+
+    location = sub.add_parser("location").add_subparsers(dest="action", required=True)
+    p = location.add_parser("add", parents=[deployment])
+    _location_flags(p, adding=True)
+    p.set_defaults(func=cmd_location_add)
+    p = location.add_parser("update", parents=[deployment], help="change only the fields given")
+    _location_flags(p, adding=False)
+    p.set_defaults(func=cmd_location_update)
+    p = location.add_parser("remove", parents=[deployment])
+    p.add_argument("name")
+    p.set_defaults(func=cmd_location_remove)
+    p = location.add_parser("list", parents=[deployment])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_location_list)
+
+    p = sub.add_parser("apply", parents=[deployment], help="make the deployment's locations equal a locations.yaml")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_apply)
+
+    workspace = sub.add_parser("workspace").add_subparsers(dest="action", required=True)
+    p = workspace.add_parser("render", parents=[deployment], help="Dagster workspace.yaml (stdout, or --out)")
+    p.add_argument("--out")
+    p.add_argument("--reload", action="store_true", help="then ask --webserver-url to reload it")
+    p.set_defaults(func=cmd_workspace_render)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = None
+    try:
+        ctx = _Context(args)
+        return int(args.func(ctx))
+    except PolicyError as exc:
+        print(f"airlock-cp: error: {exc}", file=sys.stderr)
+        return 2
+    except sa.exc.SQLAlchemyError as exc:
+        print(f"airlock-cp: database {args.db}: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}",
+              file=sys.stderr)
+        return 1
+    finally:
+        if ctx is not None:
+            ctx.engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
