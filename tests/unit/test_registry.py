@@ -214,8 +214,9 @@ def test_each_change_sends_the_full_desired_set_to_its_queue(reg: Registry, queu
     assert queue.pending_count("prod", "default") == 0
 
     reg.remove("prod", "beta")
-    assert drain(queue, "default") == [{"deployment": "prod", "queue": "default", "as_of": pytest.approx(
-        reg._clock(), abs=60), "locations": []}]  # the empty set: stop everything
+    [last] = drain(queue, "default")
+    assert (last["queue"], last["locations"]) == ("default", [])  # the empty set: stop everything
+    assert isinstance(last["as_of"], float)
     assert queue.pending_count("staging", "default") == 0
 
     ids = reg.publish("prod", "gpu", "gpu", "default")  # re-send on demand, once per queue
@@ -437,8 +438,8 @@ def test_cli_locations_end_to_end(cli: str, tmp_path: Path, capsys: pytest.Captu
         {"grpc_server": {"host": "127.0.0.1", "port": 7000, "location_name": "alpha"}}]
 
 
-def test_cli_apply_and_workspace_follow_changes(cli: str, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_apply_and_workspace_follow_changes(cli: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     workspace = tmp_path / "dagster" / "workspace.yaml"
     good = write(tmp_path / "locations.yaml", {"version": 1, "locations": [loc("alpha"), loc("beta")]})
     assert main(["--workspace", str(workspace), "apply", str(good), "--deployment", "prod"]) == 0
@@ -455,6 +456,17 @@ def test_cli_apply_and_workspace_follow_changes(cli: str, tmp_path: Path,
 
     assert main(["workspace", "render", "--deployment", "prod", "--out", str(tmp_path / "w.yaml"), "--reload"]) == 2
     assert "webserver_url" in capsys.readouterr().err
-    assert main(["--webserver-url", "http://127.0.0.1:9", "workspace", "render", "--deployment", "prod",
+    def unreachable(url: str) -> None:
+        raise WorkspaceReloadError(f"cannot reach {url}/graphql: connection refused")
+    monkeypatch.setattr("controlplane.cli.reload", unreachable)
+    assert main(["--webserver-url", "http://dagster:3000", "workspace", "render", "--deployment", "prod",
                  "--out", str(tmp_path / "w.yaml"), "--reload"]) == 1
-    assert "did not reload" in capsys.readouterr().err
+    assert "did not reload: cannot reach http://dagster:3000/graphql" in capsys.readouterr().err
+    assert (tmp_path / "w.yaml").read_text() == workspace.read_text()  # the file was still written
+
+    reloaded: list[str] = []
+    monkeypatch.setattr("controlplane.cli.reload", lambda url: reloaded.append(url) or ())
+    assert main(["--workspace", str(workspace), "--webserver-url", "http://dagster:3000", "location", "remove",
+                 "beta", "--deployment", "prod"]) == 0
+    assert reloaded == ["http://dagster:3000"]
+    assert len(yaml.safe_load(workspace.read_text())["load_from"]) == 1
