@@ -70,6 +70,20 @@ IMAGES: dict[str, ImageSpec] = {
             },
         ),
         ImageSpec(
+            "controlplane",
+            dockerfile="images/controlplane/Dockerfile",
+            base="base",
+            lock="requirements/controlplane.lock",
+            copy={
+                "controlplane": "src/controlplane",
+                "protocol": "src/protocol",
+                "appliance": "src/appliance",  # the policy field readers only; nothing here talks to Docker
+                "images/controlplane": "images/controlplane",
+                "images/ensure-python.sh": "images/ensure-python.sh",
+                "images/install-venv.sh": "images/install-venv.sh",
+            },
+        ),
+        ImageSpec(
             "example-location",
             dockerfile="images/example-location/Dockerfile",
             base="usercode-base",

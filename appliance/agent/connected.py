@@ -40,7 +40,10 @@ class DesiredLocations:
                 log.error("ignoring the stored desired locations: %s", exc)
 
     def _validate(self, data: Any) -> tuple[Location, ...]:
-        return locations_from_data(data, self.policy, source="control plane RECONCILE_LOCATIONS")
+        """The payload is {deployment, queue, as_of, locations: [...]}; each entry in locations.yaml's shape."""
+        entries = data.get("locations") if isinstance(data, dict) else None
+        return locations_from_data({"version": 1, "locations": entries}, self.policy,
+                                   source="control plane RECONCILE_LOCATIONS")
 
     def update(self, data: Any) -> tuple[Location, ...]:
         try:

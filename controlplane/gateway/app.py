@@ -23,6 +23,7 @@ from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.resolvers import GatewayContext, bind
 from controlplane.gateway.schema import build_schema
 from controlplane.gateway.store import AgentStore
+from controlplane.registry import Registry
 from protocol.signing import NonceCache, SigningKey
 
 
@@ -32,7 +33,10 @@ def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX
     store.create_schema()
     queue.create_schema()
     schema = build_schema(*bind())
-    context = GatewayContext(store=store, queue=queue, key=key)
+    registry = Registry(engine, queue)
+    registry.create_schema()
+    context = GatewayContext(store=store, queue=queue, key=key,
+                             on_enrolled=lambda agent: registry.publish(agent.deployment, *agent.labels))
 
     async def graphql_endpoint(request: Request) -> Response:
         data = request.scope["auth"].body  # parsed once by the middleware, from the exact signed bytes

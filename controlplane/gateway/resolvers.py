@@ -4,6 +4,7 @@ No SQL and no crypto here; authentication already happened in auth.py."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from graphql import GraphQLError, GraphQLResolveInfo
 
 from controlplane.gateway.auth import Caller
 from controlplane.gateway.queue import WorkQueue
-from controlplane.gateway.store import AgentStore, EnrollmentError
+from controlplane.gateway.store import AgentRecord, AgentStore, EnrollmentError
 from protocol.signing import SigningKey, load_public_key
 from protocol.work import work_signing_bytes
 
@@ -26,6 +27,7 @@ class GatewayContext:
     store: AgentStore
     queue: WorkQueue
     key: SigningKey  # the control plane's own key: signs work, is pinned by agents
+    on_enrolled: Callable[[AgentRecord], None] = lambda _agent: None  # e.g. send the new agent its locations
 
 
 def _caller(info: GraphQLResolveInfo) -> Caller:
@@ -77,6 +79,7 @@ def bind() -> tuple[QueryType, MutationType]:
             raise GraphQLError(f"enrollment refused: {exc}") from None
         ctx.store.audit(operation="enrollAgent", accepted=True, reason="enrolled", key_id=caller.key_id,
                         agent_id=agent.id)
+        ctx.on_enrolled(agent)
         return {"agentId": agent.id, "deployment": agent.deployment,
                 "controlPlaneKey": ctx.key.public_pem(), "controlPlaneKeyId": ctx.key.key_id}
 

@@ -77,8 +77,15 @@ def test_enroll_whoami_and_pinned_key(gw: Gateway) -> None:
     assert any(e.operation == "enrollAgent" and e.accepted for e in gw.store.audit_entries())
 
 
+def test_enrolled_agent_is_sent_its_desired_locations(gw: Gateway) -> None:
+    agent = gw.agent()
+    [work] = agent.claim_work(["default"], wait_seconds=0)
+    assert work.kind == "RECONCILE_LOCATIONS" and json.loads(work.payload)["locations"] == []
+
+
 def test_long_poll_wakes_on_enqueue_and_work_is_signed(gw: Gateway) -> None:
     agent = gw.agent()
+    assert [w.kind for w in agent.claim_work(["default"], wait_seconds=0)] == ["RECONCILE_LOCATIONS"]
     timer = threading.Timer(0.3, lambda: gw.queue.enqueue("prod", "default", "GRPC_CALL", {"method": "Ping"}))
     timer.start()
     started = time.monotonic()
@@ -92,6 +99,7 @@ def test_long_poll_wakes_on_enqueue_and_work_is_signed(gw: Gateway) -> None:
 
 def test_agent_refuses_work_not_signed_by_the_pinned_key(gw: Gateway) -> None:
     agent = gw.agent()
+    agent.claim_work(["default"], wait_seconds=0)  # the desired set sent on enrollment
     gw.queue.enqueue("prod", "default", "LAUNCH_RUN", {"run": "r1"})
     raw = agent.execute(operations.CLAIM_WORK, {"queues": ["default"], "waitSeconds": 0})["claimWork"][0]
     agent.verify_work(raw)  # genuine

@@ -1,0 +1,71 @@
+"""`python -m controlplane.relay`: one relay listener per registered code location, kept in step with
+the registry, plus the queue's housekeeping (expired leases back to pending, ttl expiry)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import sqlalchemy as sa
+
+from controlplane.gateway.queue import WorkQueue
+from controlplane.registry import Registry
+from controlplane.relay.server import RelayServer, WorkQueueCalls
+from controlplane.settings import ControlPlaneSettings
+
+log = logging.getLogger("airlock.relay")
+SYNC_SECONDS = 2.0
+
+
+async def serve(registry: Registry, queue: WorkQueue, host: str, stop: asyncio.Event) -> None:
+    running: dict[tuple[str, str], tuple[RelayServer, int, str]] = {}
+    while not stop.is_set():
+        wanted = {(r.deployment, r.spec.name): r for r in registry.list()}
+        for key, (server, port, route_queue) in list(running.items()):
+            record = wanted.get(key)
+            if record is None or record.relay_port != port or record.spec.queue != route_queue:
+                await server.stop()
+                del running[key]
+        for key, record in wanted.items():
+            if key in running:
+                continue
+            deployment, queue_name = record.deployment, record.spec.queue
+            calls = WorkQueueCalls(queue, lambda _loc, d=deployment, q=queue_name: (d, q))
+            server = RelayServer(record.spec.name, calls, address=f"{host}:{record.relay_port}")
+            try:
+                await server.start()
+            except OSError as exc:
+                log.error("%s; retrying on the next pass", exc)
+                continue
+            running[key] = (server, record.relay_port, queue_name)
+        await asyncio.to_thread(queue.requeue_expired_leases)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SYNC_SECONDS)
+    for server, _, _ in running.values():
+        await server.stop()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(name)s: %(message)s")
+    settings = ControlPlaneSettings.from_env()
+    engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
+    queue = WorkQueue(engine)
+    queue.create_schema()
+    registry = Registry(engine, queue)
+    registry.create_schema()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(registry, queue, os.environ.get("AIRLOCK_CP_RELAY_HOST", "127.0.0.1"), stop)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
