@@ -12,3 +12,4 @@ def configure(program: str, level: int = logging.INFO) -> None:
         stream=sys.stderr,
         format=f"%(asctime)s {program} %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per long poll is noise

@@ -53,6 +53,7 @@ def sync_once(registry: Registry, store: AgentStore, workspace_path: str, webser
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sync %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = ControlPlaneSettings.from_env()
     engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
     queue, store = WorkQueue(engine), AgentStore(engine)

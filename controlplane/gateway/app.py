@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
+import graphql
 import sqlalchemy as sa
-from ariadne import graphql
 from graphql import print_schema
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -32,7 +32,7 @@ def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX
     store, queue = AgentStore(engine), WorkQueue(engine)
     store.create_schema()
     queue.create_schema()
-    schema = build_schema(*bind())
+    schema = build_schema(bind())
     registry = Registry(engine, queue)
     registry.create_schema()
     context = GatewayContext(store=store, queue=queue, key=key,
@@ -40,9 +40,14 @@ def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX
 
     async def graphql_endpoint(request: Request) -> Response:
         data = request.scope["auth"].body  # parsed once by the middleware, from the exact signed bytes
-        success, result = await graphql(schema, data, context_value={"request": request, "gateway": context},
-                                        debug=False)
-        if not success:
+        variables = data.get("variables")
+        outcome = await graphql.graphql(
+            schema, data["query"], variable_values=variables if isinstance(variables, dict) else None,
+            operation_name=data.get("operationName"), context_value={"request": request, "gateway": context})
+        result: dict = {"data": outcome.data}
+        success = not outcome.errors
+        if outcome.errors:
+            result["errors"] = [error.formatted for error in outcome.errors]
             store.audit(operation="graphql", accepted=False, reason=json.dumps(result.get("errors"))[:500],
                         key_id=request.scope["auth"].key_id)
         return JSONResponse(result, status_code=200 if success else 400)

@@ -8,12 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ariadne import MutationType, QueryType
 from cryptography.hazmat.primitives import serialization
 from graphql import GraphQLError, GraphQLResolveInfo
 
 from controlplane.gateway.auth import Caller
 from controlplane.gateway.queue import WorkQueue
+from controlplane.gateway.schema import Resolvers
 from controlplane.gateway.store import AgentRecord, AgentStore, EnrollmentError
 from protocol.signing import SigningKey, load_public_key
 from protocol.work import work_signing_bytes
@@ -50,16 +50,24 @@ def _raw(pem_or_b64: str) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def bind() -> tuple[QueryType, MutationType]:
-    query, mutation = QueryType(), MutationType()
+def bind() -> Resolvers:
+    query: dict[str, Callable[..., Any]] = {}
+    mutation: dict[str, Callable[..., Any]] = {}
 
-    @query.field("agent")
+    def field(table: dict[str, Callable[..., Any]], name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            table[name] = fn
+            return fn
+
+        return register
+
+    @field(query, "agent")
     def resolve_agent(_: Any, info: GraphQLResolveInfo) -> dict[str, Any]:
         agent = _enrolled(info).agent
         assert agent is not None
         return {"id": agent.id, "deployment": agent.deployment, "keyId": agent.key_id, "labels": list(agent.labels)}
 
-    @mutation.field("enrollAgent")
+    @field(mutation, "enrollAgent")
     def resolve_enroll(_: Any, info: GraphQLResolveInfo, token: str, publicKey: str, labels: list[str]) -> dict:
         caller, ctx = _caller(info), _ctx(info)
         if caller.agent is not None:
@@ -83,7 +91,7 @@ def bind() -> tuple[QueryType, MutationType]:
         return {"agentId": agent.id, "deployment": agent.deployment,
                 "controlPlaneKey": ctx.key.public_pem(), "controlPlaneKeyId": ctx.key.key_id}
 
-    @mutation.field("claimWork")
+    @field(mutation, "claimWork")
     async def resolve_claim(_: Any, info: GraphQLResolveInfo, queues: list[str], waitSeconds: int = 25,
                             limit: int = 16) -> list[dict]:
         caller, ctx = _enrolled(info), _ctx(info)
@@ -106,7 +114,7 @@ def bind() -> tuple[QueryType, MutationType]:
                             key_id=caller.key_id, agent_id=caller.agent.id)
         return out
 
-    @mutation.field("postResults")
+    @field(mutation, "postResults")
     def resolve_results(_: Any, info: GraphQLResolveInfo, results: list[dict]) -> int:
         caller, ctx = _enrolled(info), _ctx(info)
         assert caller.agent is not None
@@ -122,11 +130,11 @@ def bind() -> tuple[QueryType, MutationType]:
                         key_id=caller.key_id, agent_id=caller.agent.id)
         return accepted
 
-    @mutation.field("heartbeat")
+    @field(mutation, "heartbeat")
     def resolve_heartbeat(_: Any, info: GraphQLResolveInfo, input: dict) -> bool:
         caller, ctx = _enrolled(info), _ctx(info)
         assert caller.agent is not None
         ctx.store.record_heartbeat(caller.agent.id, input)
         return True
 
-    return query, mutation
+    return {"Query": query, "Mutation": mutation}
