@@ -42,7 +42,8 @@ def main() -> None:
     log.info("gateway on https://%s:%d, control plane key %s", settings.gateway_host, settings.gateway_port,
              key.key_id)
     uvicorn.run(app, host=settings.gateway_host, port=settings.gateway_port, ssl_certfile=str(tls.cert),
-                ssl_keyfile=str(tls.key), timeout_graceful_shutdown=35, log_level="info")
+                ssl_keyfile=str(tls.key), timeout_graceful_shutdown=35, log_level="info",
+                access_log=False)  # every request is in the audit log; one line per long poll is noise
 
 
 if __name__ == "__main__":

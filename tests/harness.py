@@ -51,6 +51,7 @@ class Appliance:
     container: Container | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     extra_volumes: dict[str, dict[str, str]] = field(default_factory=dict)
+    network: str | None = None  # start on this network (e.g. the one the control plane is on)
 
     @property
     def name(self) -> str:
@@ -76,6 +77,8 @@ class Appliance:
         )
         kwargs.pop("restart_policy")
         kwargs["volumes"].update(self.extra_volumes)
+        if self.network:
+            kwargs["network"] = self.network
         self.container = self.docker.containers.run(**kwargs)
         return self.container
 
