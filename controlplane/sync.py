@@ -24,14 +24,14 @@ from controlplane.workspace import WorkspaceReloadError, reload, render_workspac
 log = logging.getLogger("airlock.sync")
 
 
-def reported_states(store: AgentStore) -> tuple[tuple[str, str, str], ...]:
-    """(agent, location, state) from every active agent's last heartbeat."""
+def reported_states(store: AgentStore) -> tuple[tuple[str, str, str, str], ...]:
+    """(agent, location, state, container) from every active agent's last heartbeat."""
     states = []
     for agent in store.list_agents():
         if agent["status"] != "active" or not agent["heartbeat"]:
             continue
         for loc in json.loads(agent["heartbeat"]).get("locations", []):
-            states.append((agent["id"], loc.get("name", ""), loc.get("state", "")))
+            states.append((agent["id"], loc.get("name", ""), loc.get("state", ""), loc.get("container") or ""))
     return tuple(sorted(states))
 
 

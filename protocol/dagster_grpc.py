@@ -8,6 +8,7 @@ from __future__ import annotations
 
 SERVICE = "api.DagsterApi"
 PING = f"/{SERVICE}/Ping"
+LIST_REPOSITORIES = f"/{SERVICE}/ListRepositories"  # reply: string serialized_..._or_error = 1
 DEFAULT_PORT = 4000
 MAX_MESSAGE_BYTES = 100 * 1024 * 1024  # Dagster's own limit
 

@@ -101,8 +101,8 @@ class ConnectedAgent:
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
         def beat() -> None:
-            states = [{"name": s.name, "state": s.state.value, "error": (s.error or "")[-2000:] or None}
-                      for s in self.reconciler.statuses.values()]
+            states = [{"name": s.name, "state": s.state.value, "error": (s.error or "")[-2000:] or None,
+                       "container": s.container_id} for s in list(self.reconciler.statuses.values())]
             self.client.heartbeat(states, running_containers=len(states))
             stop.wait(self.heartbeat_interval)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import grpc
 from docker.models.containers import Container
 
 from appliance import labels
@@ -122,7 +123,13 @@ class Reconciler:
             result = health.ping(f"{kept.name}:{DEFAULT_PORT}", timeout=3.0)
             if result.ok:
                 self.backoff.succeeded(name)
-                self._set(name, State.LOADED, container=kept.name, container_id=kept.id, image=image)
+                try:
+                    error = health.load_error(f"{kept.name}:{DEFAULT_PORT}")
+                except grpc.RpcError as exc:
+                    error = f"ListRepositories failed: {exc}"
+                # A code error keeps the server: it serves the traceback to Dagster until the spec changes.
+                state = State.ERROR if error else State.LOADED
+                self._set(name, state, container=kept.name, container_id=kept.id, image=image, error=error)
                 return
             detail = result.detail
         else:

@@ -74,7 +74,10 @@ def code_server_spec(location: Location, policy: Policy, *, appliance_id: str, i
     network = network_name(appliance_id, location.name)
     kwargs: dict[str, Any] = {
         "image": image_id,
-        "command": ["dagster", "api", "grpc", "--host", "0.0.0.0", "--port", str(DEFAULT_PORT), *target],
+        # Lazy load: a location whose code fails to import still serves its error (with the traceback) to
+        # Dagster instead of exiting, so the UI shows why; the agent reads the same error for its status.
+        "command": ["dagster", "api", "grpc", "--host", "0.0.0.0", "--port", str(DEFAULT_PORT),
+                    "--lazy-load-user-code", *target],
         "environment": env,
         "network": network,
         "restart_policy": {"Name": "on-failure", "MaximumRetryCount": policy.hardening.restart_max_retries},

@@ -208,6 +208,18 @@ class WorkQueue:
             self._notify(("work", deployment, queue))
         return len(expired) + len(requeued)
 
+    def release(self, item_ids: Sequence[str], agent_id: str) -> int:
+        """Hand claimed items straight back (the long poll that claimed them lost its agent)."""
+        t = work_items
+        with self._write() as conn:
+            rows = conn.execute(
+                sa.update(t).where(t.c.id.in_(list(item_ids)), t.c.agent_id == agent_id, t.c.status == CLAIMED)
+                .values(status=PENDING, agent_id=None, lease_until=None).returning(t.c.deployment, t.c.queue)
+            ).all()
+        for deployment, queue in set(rows):
+            self._notify(("work", deployment, queue))
+        return len(rows)
+
     def result(self, item_id: str) -> WorkResult | None:
         """The final outcome, or None while the item is pending or claimed (or unknown)."""
         t = work_items

@@ -4,6 +4,7 @@ No SQL and no crypto here; authentication already happened in auth.py."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -100,9 +101,18 @@ def bind() -> Resolvers:
         if foreign or not queues:
             raise GraphQLError(f"queues {foreign or '[]'} are not among this agent's labels")
         wait = max(0, min(waitSeconds, MAX_WAIT_SECONDS))
-        items = ctx.queue.claim(caller.agent.deployment, queues, caller.agent.id, limit=min(limit, MAX_BATCH))
-        if not items and wait and await ctx.queue.wait_for_work(caller.agent.deployment, queues, timeout=wait):
-            items = ctx.queue.claim(caller.agent.deployment, queues, caller.agent.id, limit=min(limit, MAX_BATCH))
+        request, batch = info.context["request"], min(limit, MAX_BATCH)
+        deployment, agent_id = caller.agent.deployment, caller.agent.id
+        deadline = time.monotonic() + wait
+        items = ctx.queue.claim(deployment, queues, agent_id, limit=batch)
+        # Wait in short slices so a poll whose agent went away (killed, restarted) stops claiming work.
+        while not items and time.monotonic() < deadline and not await request.is_disconnected():
+            slice_ = min(1.0, deadline - time.monotonic())
+            if await ctx.queue.wait_for_work(deployment, queues, timeout=slice_):
+                items = ctx.queue.claim(deployment, queues, agent_id, limit=batch)
+        if items and await request.is_disconnected():
+            ctx.queue.release([item.id for item in items], agent_id)  # back to pending now, not after the lease
+            return []
         out = []
         for item in items:
             payload = json.dumps(item.payload, sort_keys=True, separators=(",", ":"))

@@ -18,7 +18,7 @@ from docker.models.containers import Container
 from tests import harness
 
 WORKSPACE = """{ workspaceOrError { __typename ... on Workspace { locationEntries { name loadStatus
-  locationOrLoadError { __typename ... on PythonError { message }
+  locationOrLoadError { __typename ... on PythonError { message stack }
     ... on RepositoryLocation { repositories { name jobs { name } assetNodes { assetKey { path } }
       schedules { name } sensors { name } } } } } } } }"""
 SENSOR = {"repositoryLocationName": "example", "repositoryName": "__repository__", "sensorName": "new_numbers_sensor"}
@@ -136,6 +136,57 @@ def test_appliance_publishes_nothing_and_holds_no_listener_for_the_control_plane
     appliance.container.reload()
     assert not any(appliance.container.attrs["NetworkSettings"]["Ports"].values())
     assert appliance.container.attrs["HostConfig"]["PortBindings"] in ({}, None)
+
+
+def _entry(cp: ControlPlane) -> dict:
+    return cp.graphql(WORKSPACE)["workspaceOrError"]["locationEntries"][0]
+
+
+def _ui_loaded(cp: ControlPlane) -> dict | None:
+    entry = _entry(cp)
+    return entry if entry["locationOrLoadError"]["__typename"] == "RepositoryLocation" else None
+
+
+def test_import_error_shows_traceback_then_update_recovers_without_operator(stack) -> None:
+    cp, appliance = stack
+    cp.cli("location", "update", "example", "--module", "example_location.no_such_module")
+
+    def ui_error() -> dict | None:
+        entry = _entry(cp)
+        error = entry["locationOrLoadError"]
+        failed = error and error["__typename"] == "PythonError" and "no_such_module" in error["message"]
+        return entry if failed else None
+
+    entry = _wait("the import error in the Dagster UI", ui_error, 240)
+    assert "DagsterImportError" in entry["locationOrLoadError"]["message"]
+    assert entry["locationOrLoadError"]["stack"], "the UI gets the traceback, not just a message"
+    assert "no_such_module" in appliance.wait_for("example", "ERROR", timeout=120)["error"]
+    cp.cli("location", "update", "example", "--module", "example_location.definitions")
+    _wait("example LOADED again in the Dagster UI", lambda: _ui_loaded(cp), 240)
+
+
+def test_killed_code_server_comes_back_by_itself(stack) -> None:
+    cp, appliance = stack
+    first = appliance.wait_for("example", "LOADED", timeout=240)
+    appliance.docker.containers.get(first["container_id"]).kill()
+    appliance.wait_for("example", "LOADED", timeout=240, not_container=first["container_id"])
+    _wait("example LOADED in the Dagster UI after the kill", lambda: _ui_loaded(cp), 180)
+
+
+def test_agent_restart_adopts_and_loses_no_queued_work(stack) -> None:
+    cp, appliance = stack
+    before = appliance.wait_for("example", "LOADED", timeout=240)
+    code, out = appliance.exec("supervisorctl", "-c", "/etc/airlock/supervisord.conf", "signal", "KILL", "agent")
+    assert code == 0, out
+    # Work queued while the agent is down (the webserver's reload relays ListRepositories) is answered
+    # once supervisord has restarted it.
+    reload = """mutation { reloadWorkspace { __typename ... on Workspace { locationEntries { name
+      locationOrLoadError { __typename } } } } }"""
+    result = cp.graphql(reload)["reloadWorkspace"]["locationEntries"][0]["locationOrLoadError"]
+    assert result["__typename"] == "RepositoryLocation", result
+    after = appliance.wait_for("example", "LOADED", timeout=120)
+    assert after["container_id"] == before["container_id"]  # adopted, not redeployed
+    assert appliance.logs().count("adopted code server") >= 1
 
 
 def test_daemon_evaluates_the_sensor_through_the_relay_with_a_cursor(stack) -> None:

@@ -264,3 +264,18 @@ def test_postgres_claim_statement_uses_skip_locked() -> None:
     assert "AS MATERIALIZED" in pg
     assert "RETURNING" in pg
     assert "FOR UPDATE" not in str(stmt.compile(dialect=sqlite.dialect()))
+
+
+def test_release_hands_claimed_items_back_at_once(tmp_path) -> None:  # noqa: ANN001
+    import sqlalchemy as sa
+
+    from controlplane.gateway.queue import WorkQueue
+
+    queue = WorkQueue(sa.create_engine(f"sqlite:///{tmp_path}/release.db"))
+    queue.create_schema()
+    item = queue.enqueue("d", "q", "GRPC_CALL", {})
+    [claimed] = queue.claim("d", ["q"], "ghost")
+    assert queue.release([claimed.id], "someone-else") == 0  # only the claiming agent's items
+    assert queue.release([claimed.id], "ghost") == 1
+    [again] = queue.claim("d", ["q"], "alive")
+    assert again.id == item and queue.complete(item, "alive", result={"ok": 1})

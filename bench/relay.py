@@ -1,0 +1,891 @@
+#!/usr/bin/env python3
+"""Relay latency and throughput: work-queue wake-up, relayed vs direct Dagster Ping, 8 concurrent callers.
+
+    python bench/relay.py                  # everything, about a minute on 2 cores
+    python bench/relay.py --calls 200      # fewer sequential calls per path
+    python bench/relay.py --no-split       # skip the (slow) separate-process relay figure
+
+Everything runs on this machine: a real Dagster code server (the example-location image, hardened as the
+appliance starts it, on an internal Docker network made for this run), the agent API gateway (uvicorn, TLS,
+SQLite file) and the gRPC relay on 127.0.0.1 in this process (the relay shares the gateway's WorkQueue, so
+enqueue wakes the agent's long poll at once), the real ConnectedAgent in a second process, and the callers in
+a third (so the callers, the control plane and the agent do not share a GIL, as they do not in production).
+Timestamps are time.perf_counter, i.e. CLOCK_MONOTONIC, comparable across processes on one host.
+
+Figures (targets from the issue; the bench prints met / NOT met and asserts nothing):
+  1. enqueue -> agent receives: WorkQueue.enqueue until GatewayClient.claim_work returns the item in the
+     agent, the agent already parked in its long poll.                                     target p50 <= 5 ms
+  2. Ping latency, sequential, one persistent channel per path: direct to the code server vs through
+     relay -> work queue -> gateway -> agent -> code server.              target relayed p50 <= direct p50 + 1 ms
+  3. Ping throughput with 8 concurrent callers (one channel each), relayed / direct.         target >= 0.70
+Also printed (no target): where a relayed call's time goes, leg by leg; the gateway's database calls per
+relayed call; Ping with a new channel per call (what Dagster's DagsterGrpcClient does); the relay in a separate
+process from the gateway (as images/controlplane/supervisord.conf runs them today, so no in-process wake-up
+crosses between them); one signed GraphQL request vs a bare HTTPS GET; a few fixed per-request costs.
+The legs come from wrappers the bench puts around live objects (an ASGI wrapper outside the gateway app, timed
+methods on its WorkQueue and AgentStore instances, subclasses of GatewayClient and WorkQueueCalls); no project
+code is changed. `--wal` is a what-if: the bench's SQLite file in WAL mode with synchronous=NORMAL, which the
+shipped gateway does not set.
+
+Cleanup: the code server container and the network (labelled airlock.test-run=<run id>) are removed in a
+finally block, also on Ctrl-C or SIGTERM; the child processes are stopped; the temp directory is deleted.
+"""
+
+# ruff: noqa: E402  (the repository root goes on sys.path before the project's imports)
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import grpc
+
+from protocol.dagster_grpc import DEFAULT_PORT, PING, decode_echo, encode_echo
+
+DEPLOYMENT, QUEUE, LOCATION = "bench", "default", "example"
+ECHO = "airlock-bench"
+LABEL = "airlock.test-run"
+CALL_TIMEOUT = 10.0  # seconds; a Ping that takes this long is a failure, not a sample
+now = time.perf_counter
+
+
+# --------------------------------------------------------------------------------------------- figures
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:7.2f} ms"
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+# ------------------------------------------------------------------------------------ caller process
+def _ping_call(channel: grpc.Channel) -> Callable[[], None]:
+    call = channel.unary_unary(PING)  # raw bytes in and out, as Dagster's webserver would send them
+    request = encode_echo(ECHO)
+
+    def once() -> None:
+        if decode_echo(call(request, timeout=CALL_TIMEOUT)) != ECHO:
+            raise RuntimeError("Ping echo mismatch")
+
+    return once
+
+
+def _sequential(address: str, calls: int, warmup: int) -> list[tuple[float, float]]:
+    with grpc.insecure_channel(address) as channel:
+        once = _ping_call(channel)
+        for _ in range(warmup):
+            once()
+        samples = []
+        for _ in range(calls):
+            started = now()
+            once()
+            samples.append((started, now()))
+    return samples
+
+
+def _fresh(address: str, calls: int, warmup: int) -> list[float]:
+    from appliance.agent.health import ping  # a new channel per call, as Dagster's DagsterGrpcClient does
+
+    out = []
+    for i in range(warmup + calls):
+        started = now()
+        result = ping(address, timeout=CALL_TIMEOUT, echo=ECHO)
+        elapsed = now() - started
+        if not result.ok:
+            raise RuntimeError(f"Ping to {address} failed: {result.detail}")
+        if i >= warmup:
+            out.append(elapsed)
+    return out
+
+
+def _throughput(address: str, callers: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    """`callers` threads, each with its own channel, call back to back; count what completes in the window."""
+    start = now() + 0.2  # every thread is connected before the warm-up clock starts
+    measure_from, measure_to = start + warmup_s, start + warmup_s + duration_s
+    latencies: list[list[float]] = [[] for _ in range(callers)]
+    last_end = [measure_from] * callers
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with grpc.insecure_channel(address) as channel:
+                once = _ping_call(channel)
+                once()
+                while now() < start:
+                    time.sleep(0.001)
+                while (t0 := now()) < measure_to:
+                    once()
+                    t1 = now()
+                    if t0 >= measure_from:
+                        latencies[i].append(t1 - t0)
+                        last_end[i] = t1
+        except BaseException as exc:  # reported to the parent, which fails the bench
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} caller(s) failed: {errors[0]!r}")
+    flat = [x for lat in latencies for x in lat]
+    elapsed = max(last_end) - measure_from
+    return {"calls": len(flat), "elapsed": elapsed, "rate": len(flat) / elapsed, "latencies": flat}
+
+
+def caller_main(conn: Connection) -> None:
+    """The callers' process (in production: dagster-webserver and dagster-daemon). Runs commands from the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns Ctrl-C and stops us
+    jobs: dict[str, Callable[..., Any]] = {"seq": _sequential, "fresh": _fresh, "tput": _throughput}
+    while True:
+        command, args = conn.recv()
+        if command == "stop":
+            return
+        try:
+            conn.send(("ok", jobs[command](*args)))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+# ------------------------------------------------------------------------------------- agent process
+def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, token: str, code_server: str) -> None:
+    """The real ConnectedAgent with a stand-in reconciler that reports the bench's code server as LOADED."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import httpx
+
+    from appliance.agent.connected import ConnectedAgent, DesiredLocations
+    from appliance.agent.grpc_handler import grpc_call_handler
+    from appliance.agent.grpc_replay import GrpcReplayer
+    from appliance.agent.identity import ensure_enrolled, load_or_create_key
+    from appliance.agent.status import ApplianceStatus, LocationStatus, State
+    from appliance.agent.transport import GatewayClient
+    from appliance.policy import load_policy
+    from protocol.work import SignedWork, WorkKind
+
+    events: list[tuple[Any, ...]] = []  # list.append is atomic; the parent drains it between phases
+
+    class TimedClient(GatewayClient):
+        def claim_work(self, queues: list[str], **kwargs: Any) -> list[SignedWork]:
+            items = super().claim_work(queues, **kwargs)
+            received = now()
+            events.extend(("claimed", w.id, received) for w in items)
+            return items
+
+        def post_results(self, results: list[dict[str, Any]]) -> int:
+            started = now()
+            accepted = super().post_results(results)
+            done = now()
+            events.extend(("posted", r["id"], started, done, len(results)) for r in results)
+            return accepted
+
+    class StandInReconciler:
+        """What the real Reconciler would report once the location's code server is up."""
+
+        def __init__(self) -> None:
+            self.statuses = {LOCATION: LocationStatus(LOCATION, State.LOADED, container=code_server)}
+
+        def reconcile(self, _locations: object) -> ApplianceStatus:
+            return ApplianceStatus("bench", time.time(), dict(self.statuses))
+
+    http = httpx.Client(base_url=base_url, verify=ssl.create_default_context(cafile=ca_file),
+                        timeout=httpx.Timeout(60.0, connect=10.0))  # as appliance/agent/run.py builds it
+    client = TimedClient(http, load_or_create_key(state_dir))
+    ensure_enrolled(client, state_dir, token=token, queues=[QUEUE])
+    reconciler = StandInReconciler()
+    replay = grpc_call_handler(GrpcReplayer(), lambda: dict(reconciler.statuses))
+
+    def timed_replay(work: SignedWork) -> dict[str, Any]:
+        started = now()
+        result = replay(work)
+        events.append(("replayed", work.id, started, now()))
+        return result
+
+    agent = ConnectedAgent(client, reconciler, DesiredLocations(state_dir, load_policy(ROOT / "policy")),  # type: ignore[arg-type]
+                           queues=[QUEUE], state_dir=state_dir, handlers={WorkKind.GRPC_CALL: timed_replay})
+    stop = threading.Event()
+    runner = threading.Thread(target=agent.run, args=(stop,), name="bench-agent", daemon=True)
+    runner.start()
+    conn.send("ready")
+    while True:
+        command = conn.recv()
+        if command == "events":
+            batch = events[:]
+            del events[: len(batch)]
+            conn.send(batch)
+        elif command == "rtt":
+            conn.send(round_trips(client, http))
+        elif command == "stop":
+            stop.set()
+            agent.wake.set()  # out of the reconcile wait at once
+            runner.join(10)
+            http.close()
+            return
+
+
+def round_trips(client: Any, http: Any, calls: int = 200) -> dict[str, list[float]]:
+    """The agent's cost of one request to the gateway, with nothing else queued: signed GraphQL vs bare HTTPS."""
+
+    def healthz() -> None:
+        http.get("/healthz").raise_for_status()
+
+    out = {}
+    for name, request in (("signed GraphQL query (whoami: sign, verify, 2 key reads, GraphQL)", client.whoami),
+                          ("bare HTTPS GET /healthz (same connection pool)", healthz)):
+        for _ in range(20):
+            request()
+        samples = []
+        for _ in range(calls):
+            started = now()
+            request()
+            samples.append(now() - started)
+        out[name] = samples
+    return out
+
+
+class Child:
+    """A spawned helper process driven over a pipe."""
+
+    def __init__(self, ctx: Any, target: Callable[..., None], *args: Any, name: str) -> None:
+        self.conn, child_end = ctx.Pipe()
+        self.process = ctx.Process(target=target, args=(child_end, *args), name=name, daemon=True)
+        self.process.start()
+        child_end.close()
+
+    def ask(self, command: Any, timeout: float = 120.0) -> Any:
+        self.conn.send(command)
+        if not self.conn.poll(timeout):
+            raise RuntimeError(f"{self.process.name} did not answer {command!r} within {timeout:.0f} s")
+        return self.conn.recv()
+
+    def run(self, job: str, *args: Any) -> Any:
+        status, value = self.ask((job, args))
+        if status != "ok":
+            raise RuntimeError(f"{self.process.name}: {value}")
+        return value
+
+    def stop(self, command: Any) -> None:
+        if self.process.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                self.conn.send(command)
+            self.process.join(12)
+        if self.process.is_alive():  # our own child, by handle
+            self.process.terminate()
+            self.process.join(5)
+        self.conn.close()
+
+
+# ------------------------------------------------------------------------------------------ docker
+def example_image(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    built = subprocess.run([sys.executable, str(ROOT / "images/build.py"), "example-location"], cwd=ROOT,
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        raise SystemExit(f"images/build.py example-location failed:\n{built.stdout[-2000:]}{built.stderr[-2000:]}")
+    return json.loads((ROOT / ".cache/images.json").read_text())["example-location"]
+
+
+class CodeServer:
+    """A real `dagster api grpc` for the example location, hardened as the appliance runs code servers."""
+
+    def __init__(self, image: str, run_id: str) -> None:
+        import docker
+
+        from appliance.launcher.spec import hardened_kwargs
+        from appliance.policy import load_policy
+
+        self.client = docker.from_env(timeout=120)
+        self.run_id, self.image = run_id, image
+        self.network: Any = None
+        self.container: Any = None
+        policy = load_policy(ROOT / "policy")
+        self._hardening = hardened_kwargs(policy, policy.hardening.limits, policy.hardening.runtime)
+        self.address = ""
+
+    def start(self, timeout: float = 90.0) -> str:
+        from appliance.agent.health import ping
+
+        labels = {LABEL: self.run_id}
+        name = f"airlock-bench-{self.run_id}"
+        # internal: no route out of the network; the host still reaches the container on its bridge address
+        self.network = self.client.networks.create(name, driver="bridge", internal=True, labels=labels)
+        self.container = self.client.containers.run(
+            self.image, ["dagster", "api", "grpc", "--host", "0.0.0.0", "--port", str(DEFAULT_PORT),
+                         "--module-name", "example_location.definitions"],
+            name=f"{name}-code-server", detach=True, network=name, labels=labels,
+            environment={"DAGSTER_HOME": "/tmp/dagster_home", "HOME": "/home/dagster"}, **self._hardening)
+        self.container.reload()
+        ip = self.container.attrs["NetworkSettings"]["Networks"][name]["IPAddress"]
+        self.address = f"{ip}:{DEFAULT_PORT}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ping(self.address, timeout=1.0).ok:
+                return ip
+            self.container.reload()
+            if self.container.status not in ("created", "running"):
+                break
+            time.sleep(0.3)
+        logs = self.container.logs().decode(errors="replace")[-3000:]
+        raise RuntimeError(f"the code server did not answer Ping at {self.address}; logs:\n{logs}")
+
+    def remove(self) -> None:
+        import docker.errors
+
+        if self.container is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.container.remove(force=True)
+        if self.network is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.network.remove()
+        # anything else this run labelled (e.g. left by an interrupted start)
+        for c in self.client.containers.list(all=True, filters={"label": f"{LABEL}={self.run_id}"}):
+            with contextlib.suppress(docker.errors.NotFound):
+                c.remove(force=True)
+        for n in self.client.networks.list(filters={"label": f"{LABEL}={self.run_id}"}):
+            with contextlib.suppress(docker.errors.NotFound):
+                n.remove()
+
+
+# ------------------------------------------------------------------------------------- control plane
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Probe:
+    """Timings of the gateway's database calls, by wrapping methods on the live instances (nothing is edited)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, float]] = []
+        self.on = False
+
+    def wrap(self, obj: object, method: str, label: str) -> None:
+        inner = getattr(obj, method)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = now()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if self.on:
+                    self.records.append((label, now() - started))
+
+        setattr(obj, method, timed)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[tuple[str, float]]]:
+        self.records.clear()
+        self.on = True
+        try:
+            yield self.records
+        finally:
+            self.on = False
+
+
+class GatewayTimes:
+    """ASGI wrapper outside the gateway app: when each request reaches it and when its answer is sent.
+
+    Records ("gw", operation, start, end), and per work item ("gw_claim_sent", id, t) for a claimWork answer
+    and ("gw_post", id, start, end) for the postResults request that carried its result.
+    """
+
+    def __init__(self, app: Any, events: list[tuple[Any, ...]]) -> None:
+        self.app, self.events = app, events
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/graphql":
+            await self.app(scope, receive, send)
+            return
+        started = now()
+        request: list[bytes] = []
+        response: list[bytes] = []
+
+        async def timed_receive() -> Any:
+            message = await receive()
+            request.append(message.get("body", b""))
+            return message
+
+        async def timed_send(message: Any) -> None:
+            response.append(message.get("body", b""))
+            await send(message)
+
+        await self.app(scope, timed_receive, timed_send)
+        ended = now()
+        try:
+            body = json.loads(b"".join(request))
+            operation = body["query"].split("(")[0].split("{")[0].split()[-1]
+        except (ValueError, KeyError, IndexError, AttributeError):
+            return
+        self.events.append(("gw", operation, started, ended))
+        if operation == "PostResults":
+            self.events.extend(("gw_post", r.get("id"), started, ended) for r in body["variables"]["results"])
+        elif operation == "ClaimWork":
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                items = json.loads(b"".join(response))["data"]["claimWork"]
+                self.events.extend(("gw_claim_sent", item["id"], ended) for item in items)
+
+
+class ControlPlane:
+    """The gateway (uvicorn + TLS, SQLite file) and the relay, each on its own event loop thread."""
+
+    def __init__(self, workdir: Path, *, wal: bool = False) -> None:
+        import uvicorn
+
+        from controlplane.gateway.app import build_app
+        from controlplane.gateway.queue import WorkQueue
+        from controlplane.relay.server import RelayServer, WorkQueueCalls
+        from controlplane.tls import ensure_tls
+        from protocol.signing import SigningKey
+
+        self.db_url = f"sqlite:///{workdir / 'controlplane.db'}"
+        self.wal = wal
+        self.engine = self.make_engine()
+        self.app = build_app(self.engine, SigningKey.generate())
+        self.queue: WorkQueue = self.app.state.queue
+        self.tls = ensure_tls(workdir / "tls", ["127.0.0.1"])
+        self.port = free_port()
+        self.base_url = f"https://127.0.0.1:{self.port}"
+        self.events: list[tuple[Any, ...]] = []
+        config = uvicorn.Config(GatewayTimes(self.app, self.events), host="127.0.0.1", port=self.port,
+                                ssl_certfile=str(self.tls.cert), ssl_keyfile=str(self.tls.key),
+                                log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.gateway_thread = threading.Thread(target=self.server.run, name="bench-gateway", daemon=True)
+        self.probe = Probe()
+        for method in ("enqueue", "claim", "complete", "result", "_has_work"):
+            self.probe.wrap(self.queue, method, f"queue.{method}")
+        for method in ("audit", "by_key", "record_heartbeat"):
+            self.probe.wrap(self.app.state.store, method, f"store.{method}")
+
+        events = self.events
+
+        class TimedCalls(WorkQueueCalls):
+            def submit(self, location: str, payload: dict[str, Any], *, ttl_seconds: float) -> str:
+                started = now()
+                call_id = super().submit(location, payload, ttl_seconds=ttl_seconds)
+                events.append(("enqueued", call_id, started, now()))
+                return call_id
+
+            async def wait(self, call_id: str, timeout: float) -> Any:
+                result = await super().wait(call_id, timeout)
+                events.append(("answered", call_id, now()))
+                return result
+
+        def route(_location: str) -> tuple[str, str]:
+            return DEPLOYMENT, QUEUE
+
+        self.relay = RelayServer(LOCATION, TimedCalls(self.queue, route))
+        # How the controlplane image runs it today: a separate process with its own WorkQueue on the same
+        # database, so neither side's in-process wake-up reaches the other (they re-check every 0.5 s).
+        self.split_engine = self.make_engine()
+        self.split_relay = RelayServer(LOCATION, WorkQueueCalls(WorkQueue(self.split_engine), route))
+        self.loop = asyncio.new_event_loop()
+        self.relay_thread = threading.Thread(target=self.loop.run_forever, name="bench-relay", daemon=True)
+        self.relay_port = self.split_port = 0
+
+    def make_engine(self) -> Any:
+        """As serve_gateway.py and the relay create theirs; --wal is a what-if the shipped code does not do."""
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.db_url, pool_pre_ping=True)
+        if self.wal:
+            @sa.event.listens_for(engine, "connect")
+            def pragmas(dbapi_connection: Any, _record: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.close()
+        return engine
+
+    def sqlite_mode(self) -> str:
+        with self.engine.connect() as conn:
+            journal = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+            level = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+        sync = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(level, level)
+        return f"journal_mode={journal} synchronous={sync}"
+
+    def start(self) -> None:
+        self.gateway_thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.gateway_thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.01)
+        self.relay_thread.start()
+        self.relay_port = self.on_relay_loop(self.relay.start())
+        self.split_port = self.on_relay_loop(self.split_relay.start())
+
+    def on_relay_loop(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def agent_waiting(self) -> bool:
+        # Read-only look at the queue's long-poll registry: is a claimWork request parked on our queue?
+        return ("work", DEPLOYMENT, QUEUE) in self.queue._waiters
+
+    def stop(self) -> None:
+        if self.relay_thread.is_alive():
+            for relay in (self.relay, self.split_relay):
+                with contextlib.suppress(Exception):
+                    self.on_relay_loop(relay.stop(0.5), timeout=5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.relay_thread.join(5)
+        if self.gateway_thread.is_alive():
+            self.server.should_exit = True
+            self.gateway_thread.join(10)
+            if self.gateway_thread.is_alive():
+                self.server.force_exit = True
+                self.gateway_thread.join(5)
+        self.split_engine.dispose()
+        self.engine.dispose()
+
+
+# ------------------------------------------------------------------------------------------- phases
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.0002)
+
+
+def enqueue_to_claim(cp: ControlPlane, agent: Child, calls: int, warmup: int) -> list[float]:
+    """Figure 1: enqueue a GRPC_CALL Ping while the agent is parked in claimWork; time until claim_work returns."""
+    from protocol.grpc_calls import GrpcCall
+
+    payload = GrpcCall(LOCATION, PING, encode_echo(ECHO), CALL_TIMEOUT).to_payload()
+    started: dict[str, float] = {}
+    for i in range(warmup + calls):
+        wait_until(cp.agent_waiting, 30, "the agent's long poll")
+        time.sleep(0.003)  # past the poll's first database check: the agent is waiting on its wake-up event
+        t0 = now()
+        item = cp.queue.enqueue(DEPLOYMENT, QUEUE, "GRPC_CALL", payload, ttl_seconds=60)
+        if i >= warmup:
+            started[item] = t0
+        # let the agent finish (replay, post) so the next sample starts from a quiet system
+        outcome = cp.on_relay_loop(cp.queue.wait_for_result(item, CALL_TIMEOUT))
+        if outcome is None or outcome.status != "done":
+            raise RuntimeError(f"the agent did not answer work item {item}: {outcome}")
+    claimed = {e[1]: e[2] for e in agent.ask("events") if e[0] == "claimed"}
+    missing = [i for i in started if i not in claimed]
+    if missing:
+        raise RuntimeError(f"{len(missing)} item(s) never reported as claimed")
+    return [claimed[i] - t0 for i, t0 in started.items()]
+
+
+def relayed_breakdown(samples: list[tuple[float, float]], events: list[tuple[Any, ...]],
+                      agent_events: list[tuple[Any, ...]]) -> list[tuple[str, float]]:
+    """Median of each leg of a sequential relayed call, matched by work item id (k-th call = k-th enqueue)."""
+    enqueued = [e for e in events if e[0] == "enqueued"]
+    answered = {e[1]: e[2] for e in events if e[0] == "answered"}
+    claim_sent = {e[1]: e[2] for e in events if e[0] == "gw_claim_sent"}
+    gateway_post = {e[1]: (e[2], e[3]) for e in events if e[0] == "gw_post"}
+    claimed = {e[1]: e[2] for e in agent_events if e[0] == "claimed"}
+    replayed = {e[1]: (e[2], e[3]) for e in agent_events if e[0] == "replayed"}
+    posted = {e[1]: (e[2], e[3]) for e in agent_events if e[0] == "posted"}
+    if len(enqueued) != len(samples):
+        raise RuntimeError(f"{len(samples)} relayed calls but {len(enqueued)} enqueues: the breakdown cannot match")
+    legs: dict[str, list[float]] = defaultdict(list)
+    for (call_start, call_end), (_, item, enq0, enq1) in zip(samples, enqueued, strict=True):
+        if not all(item in m for m in (claimed, replayed, posted, answered, claim_sent, gateway_post)):
+            continue
+        (rep0, rep1), (post0, post1), (gw0, _gw1) = replayed[item], posted[item], gateway_post[item]
+        legs["caller -> relay -> enqueue starts (gRPC in, relay handler, thread hop)"].append(enq0 - call_start)
+        legs["enqueue: INSERT + COMMIT (SQLite)"].append(enq1 - enq0)
+        legs["gateway: long-poll wake, has-work read, claim, sign, audit, answer sent"].append(claim_sent[item] - enq1)
+        legs["answer -> agent: TLS, HTTP, JSON, Ed25519 verify"].append(claimed[item] - claim_sent[item])
+        legs["agent: hand to a dispatcher thread"].append(rep0 - claimed[item])
+        legs["agent: replay Ping on the code server (cached channel)"].append(rep1 - rep0)
+        legs["agent: hand to the result batcher, sign, POST sent"].append(post0 - rep1)
+        legs["POST -> gateway starts it (in flight; the loop busy with the agent's re-poll)"].append(gw0 - post0)
+        legs["gateway: verify, GraphQL, complete() -> relay's waiter wakes, reads"].append(answered[item] - gw0)
+        legs["relay -> caller (gRPC reply)"].append(call_end - answered[item])
+        legs["(the agent's whole POST round trip, overlaps the two legs above)"].append(post1 - post0)
+    return [(name, statistics.median(values)) for name, values in legs.items()]
+
+
+def gateway_times(events: list[tuple[Any, ...]], operations: tuple[str, ...]) -> list[tuple[str, float, int]]:
+    grouped: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e[0] == "gw" and e[1] in operations:
+            grouped[e[1]].append(e[3] - e[2])
+    return [(op, statistics.median(v), len(v)) for op, v in grouped.items()]
+
+
+def db_per_call(records: list[tuple[str, float]], calls: int) -> list[tuple[str, float, float]]:
+    """(operation, count per call, ms per call) for the gateway's database calls during a phase."""
+    grouped: dict[str, list[float]] = defaultdict(list)
+    for name, seconds in records:
+        grouped[name].append(seconds)
+    return sorted(((name, len(v) / calls, sum(v) / calls) for name, v in grouped.items()), key=lambda r: -r[2])
+
+
+def fixed_costs(cp: ControlPlane, workdir: Path, calls: int = 200) -> list[tuple[str, float]]:
+    """Medians of a few per-request costs, each measured alone on a quiet system."""
+    import sqlalchemy as sa
+    from graphql import parse, validate
+
+    from appliance.agent import operations
+    from controlplane.gateway.auth import operation_fields
+    from controlplane.gateway.resolvers import bind
+    from controlplane.gateway.schema import build_schema
+    from protocol.signing import NonceCache, RequestVerifier, SigningKey, sign_request
+
+    def median_of(fn: Callable[[], object]) -> float:
+        for _ in range(10):
+            fn()
+        samples = []
+        for _ in range(calls):
+            started = now()
+            fn()
+            samples.append(now() - started)
+        return statistics.median(samples)
+
+    scratch = sa.create_engine(f"sqlite:///{workdir / 'scratch.db'}")
+    if cp.wal:
+        with scratch.connect() as conn:
+            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+    with scratch.connect() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x TEXT)")
+        conn.commit()
+
+        def commit_one() -> None:
+            conn.exec_driver_sql("INSERT INTO t VALUES ('x')")
+            conn.commit()
+
+        commit = median_of(commit_one)
+    scratch.dispose()
+    schema = build_schema(bind())
+    claim_doc, post_doc = operations.CLAIM_WORK, operations.POST_RESULTS
+    key = SigningKey.generate()
+    payload = {"query": post_doc, "variables": {"results": [{"id": "x" * 32, "ok": True, "payload": "{}"}]}}
+    body = json.dumps(payload)
+    url = "https://gateway/graphql"
+    headers = {"content-type": "application/json"}
+    signed = [list({**headers, **sign_request("POST", url, headers, body.encode(), key)}.items())
+              for _ in range(calls + 10)]  # one nonce each: the verifier refuses a replay
+    verifier = RequestVerifier(lambda _kid: key.public_key, NonceCache(window_seconds=600), max_skew_seconds=300)
+    pending = iter(signed)
+    return [
+        ("SQLite INSERT + COMMIT, one row (this disk, this journal mode)", commit),
+        ("GraphQL parse + validate, ClaimWork", median_of(lambda: validate(schema, parse(claim_doc)))),
+        ("GraphQL parse + validate, PostResults", median_of(lambda: validate(schema, parse(post_doc)))),
+        ("RFC 9421 sign a request (agent: Ed25519 + Content-Digest)",
+         median_of(lambda: sign_request("POST", url, headers, body.encode(), key))),
+        ("RFC 9421 verify a request (gateway middleware, without the key lookups)",
+         median_of(lambda: verifier.verify("POST", url, next(pending), body.encode()))),
+        ("middleware's own GraphQL parse to learn the operation (operation_fields)",
+         median_of(lambda: operation_fields(payload))),
+    ]
+
+
+def batches(agent_events: list[tuple[Any, ...]]) -> tuple[float, float]:
+    """Mean items per claimWork answer and mean results per postResults POST."""
+    claims: dict[float, int] = defaultdict(int)
+    for e in agent_events:
+        if e[0] == "claimed":
+            claims[e[2]] += 1
+    posts = {(e[2], e[3]): e[4] for e in agent_events if e[0] == "posted"}
+    return (statistics.mean(claims.values()) if claims else 0.0,
+            statistics.mean(posts.values()) if posts else 0.0)
+
+
+# --------------------------------------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=500, help="measured sequential calls per path (500)")
+    parser.add_argument("--warmup", type=int, default=50, help="warm-up calls before each measurement (50)")
+    parser.add_argument("--callers", type=int, default=8, help="concurrent callers for throughput (8)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="throughput window per path (5 s)")
+    parser.add_argument("--fresh-calls", type=int, default=100, help="calls with a new channel each (100)")
+    parser.add_argument("--split-calls", type=int, default=16, help="calls through the separate-process relay")
+    parser.add_argument("--no-split", action="store_true", help="skip the separate-process relay figure")
+    parser.add_argument("--wal", action="store_true",
+                        help="what-if: the bench's SQLite file in WAL mode, synchronous=NORMAL (not what ships)")
+    parser.add_argument("--image", help="code server image (default: build/reuse example-location)")
+    args = parser.parse_args()
+
+    def on_term(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    run_id = "b" + uuid.uuid4().hex[:8]
+    started = time.monotonic()
+    ctx = mp.get_context("spawn")
+    cpus = os.cpu_count()
+    print(f"airlock relay bench {run_id}  {datetime.datetime.now():%Y-%m-%d %H:%M}  {cpus} CPUs  "
+          f"{platform.system()} {platform.release()}  Python {platform.python_version()}  grpcio {grpc.__version__}")
+    print(f"load average before: {load()}  (other work on this host skews every figure below)")
+
+    image = example_image(args.image)
+    code_server: CodeServer | None = None
+    cp: ControlPlane | None = None
+    agent: Child | None = None
+    callers: Child | None = None
+    workdir = Path(tempfile.mkdtemp(prefix="airlock-bench-"))
+    try:
+        code_server = CodeServer(image, run_id)
+        ip = code_server.start()
+        direct = code_server.address
+        cp = ControlPlane(workdir, wal=args.wal)
+        cp.start()
+        relayed = f"127.0.0.1:{cp.relay_port}"
+        state = workdir / "agent-state"
+        state.mkdir(mode=0o700)
+        token = cp.app.state.store.create_token(DEPLOYMENT)
+        agent = Child(ctx, agent_main, cp.base_url, str(cp.tls.ca_cert), str(state), token, ip, name="bench-agent")
+        if not (agent.conn.poll(60) and agent.conn.recv() == "ready"):
+            raise RuntimeError("the agent process did not start (enrollment failed?)")
+        callers = Child(ctx, caller_main, name="bench-callers")
+        print(f"code server  {image} at {direct} (hardened, internal network airlock-bench-{run_id})")
+        print(f"gateway      {cp.base_url} (uvicorn, TLS, SQLite file {cp.sqlite_mode()}"
+              f"{', --wal what-if' if args.wal else ', as shipped'}); relay {relayed} in the same process")
+        print("agent        real ConnectedAgent in its own process; callers in a third process")
+        print(f"setup        {time.monotonic() - started:.1f} s\n")
+
+        # 1. enqueue -> agent receives
+        wake = enqueue_to_claim(cp, agent, args.calls, args.warmup)
+        wake_p50 = pct(wake, 50)
+        print(f"1. enqueue -> agent receives ({len(wake)} items, agent parked in its long poll)")
+        print(f"   p50 {ms(wake_p50)}   p99 {ms(pct(wake, 99))}   target p50 <= 5 ms: {verdict(wake_p50 <= 0.005)}\n")
+
+        # 2. sequential Ping, direct vs relayed
+        direct_samples = callers.run("seq", direct, args.calls, args.warmup)
+        agent.ask("events")
+        cp.events.clear()
+        # warm-up first, then only the measured calls' events are kept
+        callers.run("seq", relayed, 0, args.warmup)
+        agent.ask("events")
+        cp.events.clear()
+        with cp.probe.recording() as db_records:
+            relayed_samples = callers.run("seq", relayed, args.calls, 0)
+            time.sleep(0.05)  # the last POST's tail (audit) lands after the caller has its answer
+        agent_events = agent.ask("events")
+        d = [b - a for a, b in direct_samples]
+        r = [b - a for a, b in relayed_samples]
+        d50, r50 = pct(d, 50), pct(r, 50)
+        print(f"2. Ping, {args.calls} sequential calls per path, one persistent channel each")
+        print(f"   direct   p50 {ms(d50)}   p99 {ms(pct(d, 99))}")
+        print(f"   relayed  p50 {ms(r50)}   p99 {ms(pct(r, 99))}")
+        print(f"   relayed p50 - direct p50 = {(r50 - d50) * 1000:.2f} ms   "
+              f"target <= 1 ms: {verdict(r50 <= d50 + 0.001)}")
+        print("   where a relayed call's time goes (median of each leg):")
+        legs = relayed_breakdown(relayed_samples, cp.events, agent_events)
+        for name, value in legs:
+            print(f"     {ms(value)}  {name}")
+        print(f"     {ms(sum(v for n, v in legs if not n.startswith('(')))}  sum of the legs' medians "
+              f"(whole call median {r50 * 1000:.2f} ms)")
+        print("   gateway time per request, from reaching the app to its answer sent (median):")
+        for operation, seconds, count in gateway_times(cp.events, ("PostResults",)):
+            print(f"     {ms(seconds)}  {operation} ({count} requests)")
+        print("   gateway database calls per relayed call (count, time; includes waiting for the queue's lock):")
+        for name, count, seconds in db_per_call(db_records, args.calls):
+            print(f"     {count:5.2f} x {name:24} {ms(seconds)}")
+        print()
+
+        # 3. throughput
+        td = callers.run("tput", direct, args.callers, 1.0, args.seconds)
+        agent.ask("events")
+        with cp.probe.recording() as load_records:
+            tr = callers.run("tput", relayed, args.callers, 1.0, args.seconds)
+        load_events = agent.ask("events")
+        ratio = tr["rate"] / td["rate"]
+        print(f"3. throughput, {args.callers} concurrent callers (own channel each), {args.seconds:.0f} s per path")
+        for label, t in (("direct ", td), ("relayed", tr)):
+            print(f"   {label}  {t['rate']:8.1f} calls/s   ({t['calls']} calls; latency p50 "
+                  f"{ms(pct(t['latencies'], 50))}, p99 {ms(pct(t['latencies'], 99))})")
+        print(f"   ratio relayed/direct {ratio:.2f}   target >= 0.70: {verdict(ratio >= 0.70)}")
+        per_claim, per_post = batches(load_events)
+        print(f"   under load: {per_claim:.1f} items per claimWork answer, {per_post:.1f} results per POST; "
+              f"gateway database time per relayed call (incl. warm-up calls in the count):")
+        load_calls = max(1, len([e for e in load_events if e[0] == "claimed"]))
+        for name, count, seconds in db_per_call(load_records, load_calls)[:5]:
+            print(f"     {count:5.2f} x {name:24} {ms(seconds)}")
+        print()
+        cp.events.clear()
+
+        # extras, no target
+        print("extra (no target)")
+        fd = callers.run("fresh", direct, args.fresh_calls, 10)
+        fr = callers.run("fresh", relayed, args.fresh_calls, 10)
+        print(f"   new channel per call (as Dagster's gRPC client does), {args.fresh_calls} calls per path:")
+        print(f"     direct p50 {ms(pct(fd, 50))} p99 {ms(pct(fd, 99))}   relayed p50 {ms(pct(fr, 50))} "
+              f"p99 {ms(pct(fr, 99))}   difference p50 {(pct(fr, 50) - pct(fd, 50)) * 1000:.2f} ms")
+        if not args.no_split:
+            split = callers.run("seq", f"127.0.0.1:{cp.split_port}", args.split_calls, 2)
+            s = [b - a for a, b in split]
+            print(f"   relay as a separate process from the gateway (today's controlplane image), "
+                  f"{args.split_calls} calls:")
+            print(f"     p50 {ms(pct(s, 50))}   p99 {ms(pct(s, 99))}   (no cross-process wake-up: both long polls "
+                  f"fall back to the {cp.queue.RECHECK_SECONDS:.1f} s database re-check)")
+        agent.ask("events")
+        print("   the agent's cost of one request to the gateway, nothing queued (200 each):")
+        cp.events.clear()
+        for name, samples in agent.ask("rtt").items():
+            print(f"     p50 {ms(pct(samples, 50))}  p99 {ms(pct(samples, 99))}  {name}")
+        for operation, seconds, _count in gateway_times(cp.events, ("WhoAmI",)):
+            print(f"     of which inside the gateway app (middleware + GraphQL), {operation}: {ms(seconds)}")
+        print("   fixed costs, each measured alone (median):")
+        for name, seconds in fixed_costs(cp, workdir):
+            print(f"     {ms(seconds)}  {name}")
+        print(f"\ntotal {time.monotonic() - started:.1f} s; load average after: {load()}")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        if callers is not None:
+            callers.stop(("stop", ()))
+        if agent is not None:
+            agent.stop("stop")
+        if cp is not None:
+            with contextlib.suppress(Exception):  # release a claimWork still parked, so uvicorn stops at once
+                cp.queue.enqueue(DEPLOYMENT, QUEUE, "GRPC_CALL", {}, ttl_seconds=5)
+            cp.stop()
+        if code_server is not None:
+            code_server.remove()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
