@@ -266,7 +266,7 @@ def test_postgres_claim_statement_uses_skip_locked() -> None:
     assert "FOR UPDATE" not in str(stmt.compile(dialect=sqlite.dialect()))
 
 
-def test_release_hands_claimed_items_back_at_once(tmp_path) -> None:  # noqa: ANN001
+def test_release_hands_claimed_items_back_at_once(tmp_path) -> None:
     import sqlalchemy as sa
 
     from controlplane.gateway.queue import WorkQueue
