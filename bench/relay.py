@@ -300,11 +300,11 @@ class Child:
             raise RuntimeError(f"{self.process.name}: {value}")
         return value
 
-    def stop(self, command: Any) -> None:
+    def stop(self, command: Any, wait: float = 12.0) -> None:
         if self.process.is_alive():
             with contextlib.suppress(OSError, ValueError):
                 self.conn.send(command)
-            self.process.join(12)
+            self.process.join(wait)
         if self.process.is_alive():  # our own child, by handle
             self.process.terminate()
             self.process.join(5)
@@ -746,7 +746,8 @@ def main() -> int:
     def on_term(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background, where SIGINT is ignored
+        signal.signal(sig, on_term)
     run_id = "b" + uuid.uuid4().hex[:8]
     started = time.monotonic()
     ctx = mp.get_context("spawn")
@@ -875,7 +876,7 @@ def main() -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
             signal.signal(sig, signal.SIG_IGN)
         if callers is not None:
-            callers.stop(("stop", ()))
+            callers.stop(("stop", ()), wait=2.0)  # holds nothing outside itself; may be mid-job
         if agent is not None:
             agent.stop("stop")
         if cp is not None:

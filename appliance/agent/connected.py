@@ -81,20 +81,26 @@ class ConnectedAgent:
         self.dispatcher = Dispatcher(registry, self.results.add, max_workers=max_concurrency)
 
     def run(self, stop: threading.Event) -> None:
+        # One pass first: after a restart the running code servers are adopted (and known) before any
+        # relayed call is taken, so no call is answered "no code server" while one is in fact up.
+        self._reconcile_once()
         threads = [threading.Thread(target=self._poll_loop, args=(stop,), name="airlock-poll", daemon=True),
                    threading.Thread(target=self._heartbeat_loop, args=(stop,), name="airlock-heartbeat",
                                     daemon=True)]
         for thread in threads:
             thread.start()
         while not stop.is_set():
-            try:
-                write_status(self.state_dir, self.reconciler.reconcile(self.desired.locations))
-            except Exception as exc:  # a failed pass is retried on the next tick
-                log.warning("reconcile pass failed, will retry: %s", exc)
             self.wake.wait(self.reconcile_interval)
             self.wake.clear()
+            self._reconcile_once()
         self.dispatcher.shutdown()
         self.results.close()
+
+    def _reconcile_once(self) -> None:
+        try:
+            write_status(self.state_dir, self.reconciler.reconcile(self.desired.locations))
+        except Exception as exc:  # a failed pass is retried on the next tick
+            log.warning("reconcile pass failed, will retry: %s", exc)
 
     def _poll_loop(self, stop: threading.Event) -> None:
         self._retrying(stop, lambda: [self.dispatcher.submit(w) for w in self.client.claim_work(self.queues)])
