@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Relay latency and throughput: work-queue wake-up, relayed vs direct Dagster Ping, 8 concurrent callers.
 
-    python bench/relay.py                  # everything, about a minute on 2 cores
+    python bench/relay.py                  # everything, about 70 s on 2 cores
     python bench/relay.py --calls 200      # fewer sequential calls per path
     python bench/relay.py --no-split       # skip the (slow) separate-process relay figure
 
@@ -20,12 +20,11 @@ Figures (targets from the issue; the bench prints met / NOT met and asserts noth
   3. Ping throughput with 8 concurrent callers (one channel each), relayed / direct.         target >= 0.70
 Also printed (no target): where a relayed call's time goes, leg by leg; the gateway's database calls per
 relayed call; Ping with a new channel per call (what Dagster's DagsterGrpcClient does); the relay in a separate
-process from the gateway (as images/controlplane/supervisord.conf runs them today, so no in-process wake-up
+process from the gateway (as it ran before the relay moved into the gateway process: no in-process wake-up
 crosses between them); one signed GraphQL request vs a bare HTTPS GET; a few fixed per-request costs.
 The legs come from wrappers the bench puts around live objects (an ASGI wrapper outside the gateway app, timed
 methods on its WorkQueue and AgentStore instances, subclasses of GatewayClient and WorkQueueCalls); no project
-code is changed. `--wal` is a what-if: the bench's SQLite file in WAL mode with synchronous=NORMAL, which the
-shipped gateway does not set.
+code is changed. The database is opened as the control plane opens it (controlplane/db.py: SQLite, WAL).
 
 Cleanup: the code server container and the network (labelled airlock.test-run=<run id>) are removed in a
 finally block, also on Ctrl-C or SIGTERM; the child processes are stopped; the temp directory is deleted.
@@ -140,7 +139,9 @@ def _throughput(address: str, callers: int, warmup_s: float, duration_s: float) 
     measure_from, measure_to = start + warmup_s, start + warmup_s + duration_s
     latencies: list[list[float]] = [[] for _ in range(callers)]
     last_end = [measure_from] * callers
+    total = [0] * callers  # every call, warm-up included: what the CPU figures are divided by
     errors: list[BaseException] = []
+    cpu = time.process_time()
 
     def worker(i: int) -> None:
         try:
@@ -152,6 +153,7 @@ def _throughput(address: str, callers: int, warmup_s: float, duration_s: float) 
                 while (t0 := now()) < measure_to:
                     once()
                     t1 = now()
+                    total[i] += 1
                     if t0 >= measure_from:
                         latencies[i].append(t1 - t0)
                         last_end[i] = t1
@@ -167,7 +169,8 @@ def _throughput(address: str, callers: int, warmup_s: float, duration_s: float) 
         raise RuntimeError(f"{len(errors)} caller(s) failed: {errors[0]!r}")
     flat = [x for lat in latencies for x in lat]
     elapsed = max(last_end) - measure_from
-    return {"calls": len(flat), "elapsed": elapsed, "rate": len(flat) / elapsed, "latencies": flat}
+    return {"calls": len(flat), "elapsed": elapsed, "rate": len(flat) / elapsed, "latencies": flat,
+            "all_calls": sum(total), "cpu": time.process_time() - cpu}
 
 
 def caller_main(conn: Connection) -> None:
@@ -249,6 +252,8 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
             batch = events[:]
             del events[: len(batch)]
             conn.send(batch)
+        elif command == "cpu":
+            conn.send(time.process_time())
         elif command == "rtt":
             conn.send(round_trips(client, http))
         elif command == "stop":
@@ -364,6 +369,11 @@ class CodeServer:
             time.sleep(0.3)
         logs = self.container.logs().decode(errors="replace")[-3000:]
         raise RuntimeError(f"the code server did not answer Ping at {self.address}; logs:\n{logs}")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the code server container has used so far (cgroup accounting)."""
+        stats = self.container.stats(stream=False, one_shot=True)
+        return stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
 
     def remove(self) -> None:
         import docker.errors
@@ -522,18 +532,10 @@ class ControlPlane:
         self.relay_port = self.split_port = 0
 
     def make_engine(self) -> Any:
-        """As serve_gateway.py and the relay create theirs; --wal is a what-if the shipped code does not do."""
-        import sqlalchemy as sa
+        """Exactly as the control plane opens its database (controlplane/db.py: SQLite in WAL mode)."""
+        from controlplane.db import create_engine
 
-        engine = sa.create_engine(self.db_url, pool_pre_ping=True)
-        if self.wal:
-            @sa.event.listens_for(engine, "connect")
-            def pragmas(dbapi_connection: Any, _record: Any) -> None:
-                cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=NORMAL")
-                cursor.close()
-        return engine
+        return create_engine(self.db_url)
 
     def sqlite_mode(self) -> str:
         with self.engine.connect() as conn:
@@ -738,8 +740,6 @@ def main() -> int:
     parser.add_argument("--fresh-calls", type=int, default=100, help="calls with a new channel each (100)")
     parser.add_argument("--split-calls", type=int, default=16, help="calls through the separate-process relay")
     parser.add_argument("--no-split", action="store_true", help="skip the separate-process relay figure")
-    parser.add_argument("--wal", action="store_true",
-                        help="what-if: the bench's SQLite file in WAL mode, synchronous=NORMAL (not what ships)")
     parser.add_argument("--image", help="code server image (default: build/reuse example-location)")
     args = parser.parse_args()
 
@@ -766,7 +766,7 @@ def main() -> int:
         code_server = CodeServer(image, run_id)
         ip = code_server.start()
         direct = code_server.address
-        cp = ControlPlane(workdir, wal=args.wal)
+        cp = ControlPlane(workdir, wal=True)
         cp.start()
         relayed = f"127.0.0.1:{cp.relay_port}"
         state = workdir / "agent-state"
@@ -778,7 +778,7 @@ def main() -> int:
         callers = Child(ctx, caller_main, name="bench-callers")
         print(f"code server  {image} at {direct} (hardened, internal network airlock-bench-{run_id})")
         print(f"gateway      {cp.base_url} (uvicorn, TLS, SQLite file {cp.sqlite_mode()}"
-              f"{', --wal what-if' if args.wal else ', as shipped'}); relay {relayed} in the same process")
+              f", as shipped); relay {relayed} in the same process")
         print("agent        real ConnectedAgent in its own process; callers in a third process")
         print(f"setup        {time.monotonic() - started:.1f} s\n")
 
@@ -823,10 +823,22 @@ def main() -> int:
         print()
 
         # 3. throughput
-        td = callers.run("tput", direct, args.callers, 1.0, args.seconds)
+        def throughput(address: str) -> tuple[dict[str, Any], dict[str, float]]:
+            """One throughput job, and the CPU time each process spent on it, per call (warm-up included)."""
+            assert code_server is not None and agent is not None and callers is not None
+            before = (time.process_time(), agent.ask("cpu"), code_server.cpu_seconds())
+            result = callers.run("tput", address, args.callers, 1.0, args.seconds)
+            after = (time.process_time(), agent.ask("cpu"), code_server.cpu_seconds())
+            used = [b - a for a, b in zip(before, after, strict=True)]
+            n = max(1, result["all_calls"])
+            cpu = {"callers": result["cpu"] / n, "control plane (gateway + relay)": used[0] / n,
+                   "agent": used[1] / n, "code server": used[2] / n}
+            return result, cpu
+
+        td, cpu_direct = throughput(direct)
         agent.ask("events")
         with cp.probe.recording() as load_records:
-            tr = callers.run("tput", relayed, args.callers, 1.0, args.seconds)
+            tr, cpu_relayed = throughput(relayed)
         load_events = agent.ask("events")
         ratio = tr["rate"] / td["rate"]
         print(f"3. throughput, {args.callers} concurrent callers (own channel each), {args.seconds:.0f} s per path")
@@ -834,6 +846,9 @@ def main() -> int:
             print(f"   {label}  {t['rate']:8.1f} calls/s   ({t['calls']} calls; latency p50 "
                   f"{ms(pct(t['latencies'], 50))}, p99 {ms(pct(t['latencies'], 99))})")
         print(f"   ratio relayed/direct {ratio:.2f}   target >= 0.70: {verdict(ratio >= 0.70)}")
+        for label, cpu in (("direct ", cpu_direct), ("relayed", cpu_relayed)):
+            parts = ", ".join(f"{name} {seconds * 1000:.2f}" for name, seconds in cpu.items())
+            print(f"   CPU per call, {label}: {sum(cpu.values()) * 1000:6.2f} ms = {parts} ms")
         per_claim, per_post = batches(load_events)
         print(f"   under load: {per_claim:.1f} items per claimWork answer, {per_post:.1f} results per POST; "
               f"gateway database time per relayed call (incl. warm-up calls in the count):")

@@ -24,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from appliance.policy.errors import PolicyError
+from controlplane.db import create_engine
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import DEFAULT_PORT_RANGE, DEFAULT_QUEUE, LocationRecord, Registry
@@ -40,7 +41,7 @@ class _Context:
         self.args = args
         if args.db.startswith("sqlite:///") and args.db != "sqlite:///:memory:":
             Path(args.db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(args.db)
+        self.engine = create_engine(args.db)
         self.store = AgentStore(self.engine)
         self.queue = WorkQueue(self.engine)
         self.registry = Registry(self.engine, self.queue, port_range=args.relay_ports)

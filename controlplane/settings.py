@@ -15,6 +15,7 @@ class ControlPlaneSettings:
     gateway_port: int
     tls_hostnames: tuple[str, ...]
     deployment: str
+    relay_host: str  # where the relay listeners bind; the webserver and daemon are in the same container
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControlPlaneSettings:
@@ -27,6 +28,7 @@ class ControlPlaneSettings:
             gateway_port=int(env.get("AIRLOCK_CP_GATEWAY_PORT", "8443")),
             tls_hostnames=_names(env.get("AIRLOCK_CP_TLS_HOSTNAMES", "controlplane,localhost")),
             deployment=env.get("AIRLOCK_CP_DEPLOYMENT", "default"),
+            relay_host=env.get("AIRLOCK_CP_RELAY_HOST", "127.0.0.1"),
         )
 
 

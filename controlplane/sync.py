@@ -13,8 +13,7 @@ import os
 import signal
 import threading
 
-import sqlalchemy as sa
-
+from controlplane.db import create_engine
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import Registry
@@ -55,7 +54,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sync %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = ControlPlaneSettings.from_env()
-    engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
+    engine = create_engine(settings.database_url)
     queue, store = WorkQueue(engine), AgentStore(engine)
     queue.create_schema()
     store.create_schema()

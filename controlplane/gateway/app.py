@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import graphql
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from controlplane.gateway.auth import DEFAULT_MAX_BODY, SignedRequestMiddleware
+from controlplane.gateway.documents import Validator, parse_cached
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.resolvers import GatewayContext, bind
 from controlplane.gateway.schema import build_schema
@@ -33,6 +35,7 @@ def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX
     store.create_schema()
     queue.create_schema()
     schema = build_schema(bind())
+    validator = Validator(schema)
     registry = Registry(engine, queue)
     registry.create_schema()
     context = GatewayContext(store=store, queue=queue, key=key,
@@ -41,9 +44,14 @@ def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX
     async def graphql_endpoint(request: Request) -> Response:
         data = request.scope["auth"].body  # parsed once by the middleware, from the exact signed bytes
         variables = data.get("variables")
-        outcome = await graphql.graphql(
-            schema, data["query"], variable_values=variables if isinstance(variables, dict) else None,
-            operation_name=data.get("operationName"), context_value={"request": request, "gateway": context})
+        invalid = validator.errors(data["query"])
+        if invalid:
+            outcome = graphql.ExecutionResult(data=None, errors=list(invalid))
+        else:
+            executed = graphql.execute(
+                schema, parse_cached(data["query"]), variable_values=variables if isinstance(variables, dict) else None,
+                operation_name=data.get("operationName"), context_value={"request": request, "gateway": context})
+            outcome = await executed if inspect.isawaitable(executed) else executed
         result: dict = {"data": outcome.data}
         success = not outcome.errors
         if outcome.errors:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from graphql import GraphQLError, OperationDefinitionNode, parse
+from graphql import GraphQLError, OperationDefinitionNode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from controlplane.gateway.documents import parse_cached
 from controlplane.gateway.store import AgentRecord, AgentStore
 from protocol.errors import SignatureError
 from protocol.signing import NonceCache, RequestVerifier, key_id_of
@@ -48,7 +49,7 @@ def operation_fields(body: dict[str, Any]) -> tuple[str, str, tuple[str, ...]]:
     if not isinstance(query, str) or not query.strip():
         raise Refused(400, "malformed", "request body needs a GraphQL 'query' string")
     try:
-        document = parse(query, max_tokens=5000)
+        document = parse_cached(query)
     except GraphQLError as exc:
         raise Refused(400, "malformed", f"GraphQL syntax error: {exc.message}") from None
     ops = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]

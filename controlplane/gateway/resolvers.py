@@ -3,6 +3,7 @@ No SQL and no crypto here; authentication already happened in auth.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -104,12 +105,12 @@ def bind() -> Resolvers:
         request, batch = info.context["request"], min(limit, MAX_BATCH)
         deployment, agent_id = caller.agent.deployment, caller.agent.id
         deadline = time.monotonic() + wait
-        items = ctx.queue.claim(deployment, queues, agent_id, limit=batch)
+        items = await asyncio.to_thread(ctx.queue.claim, deployment, queues, agent_id, limit=batch)
         # Wait in short slices so a poll whose agent went away (killed, restarted) stops claiming work.
         while not items and time.monotonic() < deadline and not await request.is_disconnected():
             slice_ = min(1.0, deadline - time.monotonic())
             if await ctx.queue.wait_for_work(deployment, queues, timeout=slice_):
-                items = ctx.queue.claim(deployment, queues, agent_id, limit=batch)
+                items = await asyncio.to_thread(ctx.queue.claim, deployment, queues, agent_id, limit=batch)
         if items and await request.is_disconnected():
             ctx.queue.release([item.id for item in items], agent_id)  # back to pending now, not after the lease
             return []

@@ -1,16 +1,18 @@
-"""`python -m controlplane.relay`: one relay listener per registered code location, kept in step with
-the registry, plus the queue's housekeeping (expired leases back to pending, ttl expiry)."""
+"""One relay listener per registered code location, kept in step with the registry, plus the queue's
+housekeeping (expired leases back to pending, ttl expiry).
+
+The control plane runs `serve` inside the gateway process (controlplane/serve_gateway.py) so both share
+one WorkQueue and wake each other without a database round trip. `python -m controlplane.relay` runs
+it alone, for debugging: then each relayed call waits for the queue's 0.5 s database re-check."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 
-import sqlalchemy as sa
-
+from controlplane.db import create_engine
 from controlplane.gateway.queue import WorkQueue
 from controlplane.registry import Registry
 from controlplane.relay.server import RelayServer, WorkQueueCalls
@@ -51,7 +53,7 @@ async def serve(registry: Registry, queue: WorkQueue, host: str, stop: asyncio.E
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(name)s: %(message)s")
     settings = ControlPlaneSettings.from_env()
-    engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
+    engine = create_engine(settings.database_url)
     queue = WorkQueue(engine)
     queue.create_schema()
     registry = Registry(engine, queue)
@@ -62,7 +64,7 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(registry, queue, os.environ.get("AIRLOCK_CP_RELAY_HOST", "127.0.0.1"), stop)
+        await serve(registry, queue, settings.relay_host, stop)
 
     asyncio.run(run())
 
