@@ -15,6 +15,7 @@ import signal
 from controlplane.db import create_engine
 from controlplane.gateway.queue import WorkQueue
 from controlplane.registry import Registry
+from controlplane.relay.scrub import scrub_instance_ref
 from controlplane.relay.server import RelayServer, WorkQueueCalls
 from controlplane.settings import ControlPlaneSettings
 
@@ -36,7 +37,8 @@ async def serve(registry: Registry, queue: WorkQueue, host: str, stop: asyncio.E
                 continue
             deployment, queue_name = record.deployment, record.spec.queue
             calls = WorkQueueCalls(queue, lambda _loc, d=deployment, q=queue_name: (d, q))
-            server = RelayServer(record.spec.name, calls, address=f"{host}:{record.relay_port}")
+            server = RelayServer(record.spec.name, calls, address=f"{host}:{record.relay_port}",
+                                 rewrite=scrub_instance_ref)
             try:
                 await server.start()
             except OSError as exc:

@@ -126,8 +126,10 @@ class LocationRelay(grpc.GenericRpcHandler):
     def __init__(
         self, location: str, calls: CallQueue, limits: RelayLimits | None = None,
         *, clock: Callable[[], float] = time.monotonic,
+        rewrite: Callable[[str, bytes], bytes] = lambda _method, request: request,
     ) -> None:
         self.location = location
+        self._rewrite = rewrite  # e.g. scrub.scrub_instance_ref: what must not reach the user side
         self._calls = calls
         self._limits = limits or RelayLimits()
         self._clock = clock
@@ -200,6 +202,10 @@ class LocationRelay(grpc.GenericRpcHandler):
             return self._server_id[1]
         if wait <= 0:
             raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"airlock relay: {method.path} arrived past its deadline")
+        try:
+            request = self._rewrite(method.path, request)
+        except ValueError as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"airlock relay: {exc}") from exc
         payload = GrpcCall(self.location, method.path, request, wait).to_payload()
         try:
             call_id = await asyncio.to_thread(self._calls.submit, self.location, payload, ttl_seconds=wait)
@@ -226,9 +232,10 @@ class RelayServer:
     """One grpc.aio server bound to one local port for one location; start and stop it on a running loop."""
 
     def __init__(
-        self, location: str, calls: CallQueue, *, address: str = "127.0.0.1:0", limits: RelayLimits | None = None
+        self, location: str, calls: CallQueue, *, address: str = "127.0.0.1:0", limits: RelayLimits | None = None,
+        rewrite: Callable[[str, bytes], bytes] | None = None,
     ) -> None:
-        self.handler = LocationRelay(location, calls, limits)
+        self.handler = LocationRelay(location, calls, limits, **({"rewrite": rewrite} if rewrite else {}))
         self._address = address
         self._server: grpc.aio.Server | None = None
         self.port = 0

@@ -1,0 +1,53 @@
+"""Keep the control plane's InstanceRef on the control plane.
+
+Schedule, sensor, partition and execution-plan requests from the daemon and webserver carry the control
+plane's own `InstanceRef` (its storage paths, and for Postgres its connection settings). Relaying those
+bytes untouched would hand them to user code. Before a call is queued, the relay decodes the request's
+serialized arguments with Dagster's serdes (never pickle), drops `instance_ref`, and re-encodes them.
+User code then evaluates without an instance handle; the runs issue hands it a userland one instead.
+
+Dagster is imported lazily: it is installed in the control plane image, where the relay runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from protocol.dagster_grpc import SERVICE, decode_echo, encode_echo
+
+CARRIES_INSTANCE_REF = frozenset(f"/{SERVICE}/{name}" for name in (
+    "ExternalScheduleExecution", "ExternalSensorExecution", "ExternalPartitionSetExecutionParams",
+    "ExternalPartitionConfig", "ExternalPartitionTags", "ExternalPartitionNames", "ExecutionPlanSnapshot",
+))
+
+
+class ScrubError(ValueError):
+    """The request's arguments could not be decoded; it is refused rather than relayed with the ref."""
+
+
+def _without_instance_ref(args: Any) -> Any:
+    """A copy built through the type's own constructor, so its checks run on the new value."""
+    from dagster._record import copy  # Dagster's @record / IHaveNew argument types
+
+    try:
+        return copy(args, instance_ref=None)
+    except (TypeError, AttributeError, KeyError):
+        if dataclasses.is_dataclass(args):
+            return dataclasses.replace(args, instance_ref=None)  # type: ignore[type-var]
+        return args._replace(instance_ref=None)  # a plain NamedTuple
+
+
+def scrub_instance_ref(method: str, request: bytes) -> bytes:
+    """The request with any InstanceRef removed; other methods pass through unchanged."""
+    if method not in CARRIES_INSTANCE_REF:
+        return request
+    from dagster._serdes import deserialize_value, serialize_value
+
+    try:
+        args = deserialize_value(decode_echo(request))  # every such request is {string serialized_args = 1}
+    except Exception as exc:  # serdes raises its own family; any failure means "cannot vouch for it"
+        raise ScrubError(f"cannot decode the arguments of {method}: {exc}") from exc
+    if getattr(args, "instance_ref", None) is None:
+        return request
+    return encode_echo(serialize_value(_without_instance_ref(args)))

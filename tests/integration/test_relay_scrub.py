@@ -1,0 +1,58 @@
+"""The relay strips the control plane's InstanceRef before a call is queued for the user side.
+Runs inside the control plane image, where Dagster (and so serdes) is installed."""
+
+from __future__ import annotations
+
+import json
+
+from tests import harness
+
+CHECK = r'''
+import json
+from dagster._core.instance.ref import InstanceRef
+from dagster._core.remote_origin import RemoteRepositoryOrigin, GrpcServerCodeLocationOrigin
+from dagster._grpc.types import SensorExecutionArgs, ExternalScheduleExecutionArgs
+from dagster._serdes import serialize_value, deserialize_value
+from controlplane.relay.scrub import scrub_instance_ref
+from protocol.dagster_grpc import encode_echo, decode_echo
+
+import os
+os.makedirs("/var/lib/airlock-cp/dagster", exist_ok=True)
+ref = InstanceRef.from_dir("/var/lib/airlock-cp/dagster")
+origin = RemoteRepositoryOrigin(GrpcServerCodeLocationOrigin(host="127.0.0.1", port=4100, location_name="example"),
+                                "__repository__")
+out = {}
+for method, args in [
+    ("/api.DagsterApi/ExternalSensorExecution",
+     SensorExecutionArgs(repository_origin=origin, instance_ref=ref, sensor_name="s", cursor="7")),
+    ("/api.DagsterApi/ExternalScheduleExecution",
+     ExternalScheduleExecutionArgs(repository_origin=origin, instance_ref=ref, schedule_name="sch",
+                                   scheduled_execution_timestamp=None, log_key=None)),
+]:
+    sent = encode_echo(serialize_value(args))
+    scrubbed = deserialize_value(decode_echo(scrub_instance_ref(method, sent)))
+    out[method] = {"before_has_path": "/var/lib/airlock-cp" in decode_echo(sent),
+                   "after_has_path": "/var/lib/airlock-cp" in serialize_value(scrubbed),
+                   "instance_ref": scrubbed.instance_ref is None,
+                   "kept": getattr(scrubbed, "cursor", None) or getattr(scrubbed, "schedule_name", None)}
+untouched = b"\x0a\x03abc"
+out["other"] = scrub_instance_ref("/api.DagsterApi/Ping", untouched) == untouched
+try:
+    scrub_instance_ref("/api.DagsterApi/ExternalSensorExecution", encode_echo("{not serdes"))
+    out["junk"] = "relayed"
+except ValueError as exc:
+    out["junk"] = "refused"
+print(json.dumps(out))
+'''
+
+
+def test_instance_ref_never_leaves_the_control_plane() -> None:
+    image = harness.images()["controlplane"]
+    output = harness.client().containers.run(image, ["python", "-c", CHECK], entrypoint=[], remove=True,
+                                             user="10200:10200")
+    result = json.loads(output.decode().strip().splitlines()[-1])
+    sensor = result["/api.DagsterApi/ExternalSensorExecution"]
+    schedule = result["/api.DagsterApi/ExternalScheduleExecution"]
+    assert sensor == {"before_has_path": True, "after_has_path": False, "instance_ref": True, "kept": "7"}, sensor
+    assert schedule == {"before_has_path": True, "after_has_path": False, "instance_ref": True, "kept": "sch"}
+    assert result["other"] is True and result["junk"] == "refused"
