@@ -56,7 +56,8 @@ def main() -> None:
 
     async def run() -> None:
         stop = asyncio.Event()
-        relays = asyncio.create_task(serve_relays(registry, app.state.queue, settings.relay_host, stop))
+        relays = asyncio.create_task(serve_relays(registry, app.state.queue, app.state.store, settings.relay_host,
+                                                    stop))
         try:
             await uvicorn.Server(config).serve()
         finally:

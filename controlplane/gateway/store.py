@@ -140,6 +140,14 @@ class AgentStore:
             conn.execute(agents.update().where(agents.c.id == agent_id).values(
                 last_seen=self.clock(), heartbeat=json.dumps(heartbeat)))
 
+    def live_agents(self, deployment: str, queue: str, *, within_seconds: float = 30.0) -> int:
+        """Active agents serving `queue` whose last heartbeat is recent: is anyone there to answer?"""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(agents.c.labels).where(
+                agents.c.deployment == deployment, agents.c.status == "active",
+                agents.c.last_seen >= self.clock() - within_seconds)).all()
+        return sum(1 for row in rows if queue in json.loads(row.labels))
+
     def list_agents(self) -> list[dict]:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(sa.select(agents).order_by(agents.c.enrolled_at))]

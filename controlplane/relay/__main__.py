@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 from controlplane.db import create_engine
 from controlplane.gateway.queue import WorkQueue
+from controlplane.gateway.store import AgentStore
 from controlplane.registry import Registry
 from controlplane.relay.scrub import scrub_instance_ref
 from controlplane.relay.server import RelayServer, WorkQueueCalls
@@ -23,7 +25,24 @@ log = logging.getLogger("airlock.relay")
 SYNC_SECONDS = 2.0
 
 
-async def serve(registry: Registry, queue: WorkQueue, host: str, stop: asyncio.Event) -> None:
+class NoAgent(RuntimeError):
+    """No live agent serves this location's queue: answer UNAVAILABLE now instead of waiting a minute."""
+
+
+class LiveAgentCalls(WorkQueueCalls):
+    """Queue a call only when an agent that serves the queue has sent a heartbeat recently."""
+
+    def __init__(self, queue: WorkQueue, store: AgentStore, deployment: str, queue_name: str) -> None:
+        super().__init__(queue, lambda _location: (deployment, queue_name))
+        self.store, self.deployment, self.queue_name = store, deployment, queue_name
+
+    def submit(self, location: str, payload: dict[str, Any], *, ttl_seconds: float) -> str:
+        if not self.store.live_agents(self.deployment, self.queue_name):
+            raise NoAgent(f"no agent serving queue {self.queue_name!r} has sent a heartbeat in the last 30 s")
+        return super().submit(location, payload, ttl_seconds=ttl_seconds)
+
+
+async def serve(registry: Registry, queue: WorkQueue, store: AgentStore, host: str, stop: asyncio.Event) -> None:
     running: dict[tuple[str, str], tuple[RelayServer, int, str]] = {}
     while not stop.is_set():
         wanted = {(r.deployment, r.spec.name): r for r in registry.list()}
@@ -36,7 +55,7 @@ async def serve(registry: Registry, queue: WorkQueue, host: str, stop: asyncio.E
             if key in running:
                 continue
             deployment, queue_name = record.deployment, record.spec.queue
-            calls = WorkQueueCalls(queue, lambda _loc, d=deployment, q=queue_name: (d, q))
+            calls = LiveAgentCalls(queue, store, deployment, queue_name)
             server = RelayServer(record.spec.name, calls, address=f"{host}:{record.relay_port}",
                                  rewrite=scrub_instance_ref)
             try:
@@ -66,7 +85,7 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(registry, queue, settings.relay_host, stop)
+        await serve(registry, queue, AgentStore(engine), settings.relay_host, stop)
 
     asyncio.run(run())
 
