@@ -42,6 +42,7 @@ def scrub_instance_ref(method: str, request: bytes) -> bytes:
     """The request with any InstanceRef removed; other methods pass through unchanged."""
     if method not in CARRIES_INSTANCE_REF:
         return request
+    import dagster._grpc.types  # noqa: F401 - registers the argument types with serdes
     from dagster._serdes import deserialize_value, serialize_value
 
     try:

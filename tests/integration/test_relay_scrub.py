@@ -8,7 +8,7 @@ import json
 from tests import harness
 
 CHECK = r'''
-import json
+import json, os, subprocess, sys
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.remote_origin import RemoteRepositoryOrigin, GrpcServerCodeLocationOrigin
 from dagster._grpc.types import SensorExecutionArgs, ExternalScheduleExecutionArgs
@@ -16,7 +16,6 @@ from dagster._serdes import serialize_value, deserialize_value
 from controlplane.relay.scrub import scrub_instance_ref
 from protocol.dagster_grpc import encode_echo, decode_echo
 
-import os
 os.makedirs("/var/lib/airlock-cp/dagster", exist_ok=True)
 ref = InstanceRef.from_dir("/var/lib/airlock-cp/dagster")
 origin = RemoteRepositoryOrigin(GrpcServerCodeLocationOrigin(host="127.0.0.1", port=4100, location_name="example"),
@@ -40,8 +39,17 @@ out["other"] = scrub_instance_ref("/api.DagsterApi/Ping", untouched) == untouche
 try:
     scrub_instance_ref("/api.DagsterApi/ExternalSensorExecution", encode_echo("{not serdes"))
     out["junk"] = "relayed"
-except ValueError as exc:
+except ValueError:
     out["junk"] = "refused"
+# The gateway process imports nothing of Dagster's on its own: scrub in a fresh interpreter too.
+sent = encode_echo(serialize_value(SensorExecutionArgs(repository_origin=origin, instance_ref=ref, sensor_name="s")))
+fresh = subprocess.run([sys.executable, "-c",
+    "import sys; from controlplane.relay.scrub import scrub_instance_ref as s; "
+    "from protocol.dagster_grpc import decode_echo; "
+    "m = '/api.DagsterApi/ExternalSensorExecution'; "
+    "print('/var/lib/airlock-cp' in decode_echo(s(m, bytes.fromhex(sys.argv[1]))))",
+    sent.hex()], capture_output=True, text=True)
+out["fresh_process"] = fresh.stdout.strip() or fresh.stderr[-300:]
 print(json.dumps(out))
 '''
 
@@ -56,3 +64,4 @@ def test_instance_ref_never_leaves_the_control_plane() -> None:
     assert sensor == {"before_has_path": True, "after_has_path": False, "instance_ref": True, "kept": "7"}, sensor
     assert schedule == {"before_has_path": True, "after_has_path": False, "instance_ref": True, "kept": "sch"}
     assert result["other"] is True and result["junk"] == "refused"
+    assert result["fresh_process"] == "False", result["fresh_process"]
