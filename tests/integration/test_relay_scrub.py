@@ -56,8 +56,13 @@ print(json.dumps(out))
 
 def test_instance_ref_never_leaves_the_control_plane() -> None:
     image = harness.images()["controlplane"]
-    output = harness.client().containers.run(image, ["python", "-c", CHECK], entrypoint=[], remove=True,
-                                             user="10200:10200")
+    container = harness.client().containers.run(image, ["python", "-c", CHECK], entrypoint=[], detach=True,
+                                                user="10200:10200")
+    try:
+        assert container.wait(timeout=120)["StatusCode"] == 0, container.logs().decode()[-2000:]
+        output = container.logs(stdout=True, stderr=False)
+    finally:
+        container.remove(v=True, force=True)  # the image declares a state VOLUME: do not leave it behind
     result = json.loads(output.decode().strip().splitlines()[-1])
     sensor = result["/api.DagsterApi/ExternalSensorExecution"]
     schedule = result["/api.DagsterApi/ExternalScheduleExecution"]
