@@ -69,16 +69,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPla
     run = harness.unique_id()
     workdir = tmp_path_factory.mktemp("cp")
     network = f"airlock-{run}-cp"
+    user_network = f"airlock-{run}-user"  # the user's side: a different network; only the host links the two
     dc.networks.create(network, driver="bridge", labels={"airlock.test-run": run})
-    appliance = harness.Appliance(dc, run, workdir, images["appliance"], network=network)
+    user_gateway = dc.networks.create(user_network, driver="bridge", labels={"airlock.test-run": run}) \
+        .attrs["IPAM"]["Config"][0]["Gateway"]
+    gateway_port = _free_port()
+    appliance = harness.Appliance(dc, run, workdir, images["appliance"], network=user_network)
     cp_container = None
     try:
+        # The gateway is published on the host (as a hosted control plane would be on the internet), bound
+        # to the host's address on the user network only; the appliance reaches it through the host.
         cp_container = dc.containers.run(images["controlplane"], detach=True, name=f"airlock-{run}-controlplane",
                                           network=network, labels={"airlock.test-run": run},
-                                          environment={"AIRLOCK_CP_TLS_HOSTNAMES": "controlplane"},
+                                          environment={"AIRLOCK_CP_TLS_HOSTNAMES": f"controlplane,{user_gateway}"},
+                                          ports={"8443/tcp": (user_gateway, gateway_port)},
                                           volumes={f"airlock-{run}-cp-state": {"bind": "/var/lib/airlock-cp"}})
-        dc.networks.get(network).disconnect(cp_container)
-        dc.networks.get(network).connect(cp_container, aliases=["controlplane"])
         cp = ControlPlane(dc, cp_container, network)
         _wait("control plane webserver", lambda: cp.graphql("{ version }"), 120)
         image_id = dc.images.get(images["example-location"]).id
@@ -88,7 +93,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPla
         bits, _ = cp_container.get_archive("/var/lib/airlock-cp/tls/ca.pem")
         _extract_single(b"".join(bits), ca)
         appliance.write_locations("version: 1\nlocations: []\n")
-        appliance.extra_env.update({"AIRLOCK_CONTROL_PLANE_URL": "https://controlplane:8443",
+        appliance.extra_env.update({"AIRLOCK_CONTROL_PLANE_URL": f"https://{user_gateway}:{gateway_port}",
                                     "AIRLOCK_ENROLL_TOKEN": token, "AIRLOCK_CA_FILE": "/etc/airlock/ca.pem"})
         appliance.extra_volumes[str(ca)] = {"bind": "/etc/airlock/ca.pem", "mode": "ro"}
         appliance.start()
@@ -102,6 +107,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPla
         harness.cleanup(dc, run)
         for volume in dc.volumes.list(filters={"name": f"airlock-{run}-cp-state"}):
             volume.remove(force=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _extract_single(tar_bytes: bytes, target: Path) -> None:
@@ -131,11 +144,20 @@ def test_webserver_shows_the_location_loaded_with_its_definitions(stack) -> None
     assert [s["name"] for s in repo["sensors"]] == ["new_numbers_sensor"]
 
 
-def test_appliance_publishes_nothing_and_holds_no_listener_for_the_control_plane(stack) -> None:
-    _, appliance = stack
+def test_separate_networks_and_nothing_reaches_the_appliance(stack) -> None:
+    cp, appliance = stack
+    appliance.wait_for("example", "LOADED", timeout=240)  # the appliance reached the control plane
     appliance.container.reload()
     assert not any(appliance.container.attrs["NetworkSettings"]["Ports"].values())
     assert appliance.container.attrs["HostConfig"]["PortBindings"] in ({}, None)
+    networks = appliance.container.attrs["NetworkSettings"]["Networks"]
+    assert cp.network not in networks
+    appliance_ip = next(n["IPAddress"] for name, n in networks.items() if name.endswith("-user"))
+    probe = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
+             "\n print('reached')\nexcept OSError as e: print('blocked', e)")
+    for port in ("3128", "22", "8443"):
+        result = cp.container.exec_run(["python3", "-c", probe, appliance_ip, port])
+        assert result.output.decode().startswith("blocked"), (port, result.output)
 
 
 def _entry(cp: ControlPlane) -> dict:
