@@ -21,7 +21,7 @@ import uvicorn
 from controlplane.db import create_engine
 from controlplane.gateway.app import build_app
 from controlplane.registry import Registry
-from controlplane.relay.__main__ import serve as serve_relays
+from controlplane.relay.manager import serve as serve_relays
 from controlplane.settings import ControlPlaneSettings
 from controlplane.tls import ensure_tls
 from protocol.signing import SigningKey
@@ -30,13 +30,7 @@ log = logging.getLogger("airlock.controlplane")
 
 
 def control_plane_key(state_dir: str) -> SigningKey:
-    path = Path(state_dir) / "controlplane.key"
-    try:
-        return SigningKey.load(path)
-    except FileNotFoundError:
-        key = SigningKey.generate()
-        key.save(path)
-        return key
+    return SigningKey.load_or_create(Path(state_dir) / "controlplane.key")[0]
 
 
 def main() -> None:

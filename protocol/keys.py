@@ -74,6 +74,16 @@ class SigningKey:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
+    def load_or_create(cls, path: str | os.PathLike[str]) -> tuple[SigningKey, bool]:
+        """The key at `path`, creating it (0600) on first use; the flag says whether it was created."""
+        try:
+            return cls.load(path), False
+        except FileNotFoundError:
+            key = cls.generate()
+            key.save(path)
+            return key, True
+
+    @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SigningKey:
         """Read a PKCS8 PEM key file, refusing one that group/other may read (it may already have leaked).
 

@@ -46,6 +46,8 @@ __all__ = [
 
 COVERED = ("@method", "@path", "@query", "content-digest")
 LABEL = "airlock"
+# On enrollAgent only: base64 of the raw Ed25519 public key being enrolled (its key id must be the keyid).
+ENROLL_KEY_HEADER = "x-airlock-public-key"
 ALGORITHM = ED25519
 _METADATA = frozenset({"alg", "created", "expires", "keyid", "nonce", "tag"})
 _MAX_KEYID, _MAX_NONCE = 256, 128  # untrusted strings that end up in the nonce cache: keep them small

@@ -17,13 +17,10 @@ KEY_FILE, ENROLLMENT_FILE = "agent.key", "enrollment.json"
 
 def load_or_create_key(state_dir: str) -> SigningKey:
     path = Path(state_dir) / KEY_FILE
-    try:
-        return SigningKey.load(path)
-    except FileNotFoundError:
-        key = SigningKey.generate()
-        key.save(path)
+    key, created = SigningKey.load_or_create(path)
+    if created:
         log.info("created the appliance key %s in %s", key.key_id, path)
-        return key
+    return key
 
 
 def load_enrollment(state_dir: str) -> Enrollment | None:

@@ -19,11 +19,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.agent import operations
 from protocol.errors import SignatureError
-from protocol.signing import SigningKey, key_id_of, load_public_key, sign_request, verify_bytes
+from protocol.signing import (
+    ENROLL_KEY_HEADER,
+    SigningKey,
+    key_id_of,
+    load_public_key,
+    sign_request,
+    verify_bytes,
+)
 from protocol.work import SignedWork, WorkKind, work_signing_bytes
 
 log = logging.getLogger("airlock.agent.transport")
-ENROLL_KEY_HEADER = "X-Airlock-Public-Key"
 
 
 class GatewayError(RuntimeError):

@@ -20,9 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from controlplane.gateway.documents import parse_cached
 from controlplane.gateway.store import AgentRecord, AgentStore
 from protocol.errors import SignatureError
-from protocol.signing import NonceCache, RequestVerifier, key_id_of
+from protocol.signing import ENROLL_KEY_HEADER, NonceCache, RequestVerifier, key_id_of, load_public_key
 
-ENROLL_KEY_HEADER = "x-airlock-public-key"  # base64 of the raw Ed25519 public key being enrolled
 DEFAULT_MAX_BODY = 1024 * 1024
 
 
@@ -117,11 +116,13 @@ class SignedRequestMiddleware:
         query = scope.get("query_string", b"").decode("latin-1")
         url = f"https://gateway{scope['path']}" + (f"?{query}" if query else "")
         enrolling: dict[str, Ed25519PublicKey] = {}
+        found: dict[str, AgentRecord] = {}  # the record the signature was checked against, reused below
 
         def resolve(key_id: str) -> Ed25519PublicKey | None:
             agent = self.store.by_key(key_id)
             if agent is not None:
-                return _public_key(agent.public_key)
+                found[key_id] = agent
+                return load_public_key(agent.public_key)
             offered = _offered_key(headers)
             if offered is not None and key_id_of(offered) == key_id:
                 enrolling[key_id] = offered
@@ -140,7 +141,7 @@ class SignedRequestMiddleware:
         if not isinstance(payload, dict):
             raise Refused(400, "malformed", "body must be a JSON object", verified.key_id)
         kind, _, fields = operation_fields(payload)
-        agent = self.store.by_key(verified.key_id)
+        agent = found.get(verified.key_id)
         if agent is None:
             if (kind, fields) != ("mutation", ("enrollAgent",)):
                 raise Refused(401, "unknown-key", f"key {verified.key_id} is not enrolled", verified.key_id)
@@ -148,12 +149,6 @@ class SignedRequestMiddleware:
         if agent.status != "active":
             raise Refused(403, "revoked", f"key {verified.key_id} of {agent.id} is {agent.status}", verified.key_id)
         return Caller(verified.key_id, agent, None, fields, payload)
-
-
-def _public_key(pem: str) -> Ed25519PublicKey:
-    from protocol.signing import load_public_key
-
-    return load_public_key(pem)
 
 
 def _offered_key(headers: list[tuple[str, str]]) -> Ed25519PublicKey | None:

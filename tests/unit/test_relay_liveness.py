@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
-from controlplane.relay.__main__ import LiveAgentCalls, NoAgent
+from controlplane.relay.manager import LiveAgentCalls, NoAgent
 
 
 def test_calls_are_queued_only_while_an_agent_is_alive(tmp_path: Path) -> None:
