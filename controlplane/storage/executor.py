@@ -1,0 +1,89 @@
+"""Execute one storage call from a run worker on the control plane's own Dagster instance.
+
+decode (protocol/storage_codec) -> allowlist (protocol/storage_calls) -> scope (scope.py) -> run -> encode.
+Events are stored through the instance's `handle_new_event`, exactly as a local run worker's instance would
+store them, so run status, retries and subscribers behave as in plain Dagster. Compute logs land where the
+instance's LocalComputeLogManager reads them, so the UI shows them unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from controlplane.storage import scope as scopes
+from controlplane.storage.scope import Scope
+from protocol.storage_calls import StorageCallRefused, call_mode
+from protocol.storage_codec import CodecError, decode, encode
+
+__all__ = ["StorageExecutor"]
+
+log = logging.getLogger("airlock.controlplane.storage")
+TRUNCATED_MARK = "\n[airlock: compute log truncated at {limit} bytes]\n"
+
+
+class StorageExecutor:
+    def __init__(self, instance: Any, *, compute_log_limit: int = 50 * 1024 * 1024) -> None:
+        self.instance, self.compute_log_limit = instance, compute_log_limit
+
+    def execute(self, scope: Scope, method: str, args_text: str, kwargs_text: str) -> str:
+        """Run the call and return the encoded answer; StorageCallRefused says why it was not run."""
+        call_mode(method)
+        try:
+            args, kwargs = decode(args_text), decode(kwargs_text)
+        except CodecError as exc:
+            raise StorageCallRefused(f"{method}: arguments do not decode: {exc}") from None
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise StorageCallRefused(f"{method}: arguments must be a list and keyword arguments a map")
+        target = self._target(method)
+        scopes.check(scope, method, target, args, kwargs, self.instance)
+        return encode(target(*args, **kwargs))
+
+    def _target(self, method: str) -> Callable[..., Any]:
+        storage, _, name = method.partition(".")
+        special = {
+            "events.store_event": self._store_event,
+            "events.store_event_batch": self._store_event_batch,
+            "compute_logs.upload": self._upload_compute_log,
+        }.get(method)
+        if special is not None:
+            return special
+        owner = {"runs": self.instance.run_storage, "events": self.instance.event_log_storage,
+                 "schedules": self.instance.schedule_storage}.get(storage)
+        target = getattr(owner, name, None) if owner is not None and not name.startswith("_") else None
+        if not callable(target):
+            raise StorageCallRefused(f"{method} does not exist on this control plane's storage")
+        return target
+
+    def _store_event(self, event: Any) -> None:
+        self.instance.handle_new_event(event)
+
+    def _store_event_batch(self, events: list[Any]) -> None:
+        for event in events:
+            self.instance.handle_new_event(event)
+
+    def _upload_compute_log(self, log_key: list[str], io_type: str, text: str, complete: bool = True,
+                            truncated: bool = False) -> None:
+        """Write a step's stdout/stderr where the instance's LocalComputeLogManager serves it from."""
+        from dagster._core.storage.compute_log_manager import ComputeIOType
+        from dagster._core.storage.local_compute_log_manager import IO_TYPE_EXTENSION, LocalComputeLogManager
+
+        manager = self.instance.compute_log_manager
+        if not isinstance(manager, LocalComputeLogManager):
+            raise StorageCallRefused("this control plane's compute log manager does not accept uploads")
+        if any(part in ("", ".", "..") or "/" in part for part in log_key):
+            raise StorageCallRefused(f"bad compute log key {log_key}")
+        extension = IO_TYPE_EXTENSION[ComputeIOType(io_type)]
+        path = manager.get_captured_local_path(log_key, extension)
+        data = text.encode()[: self.compute_log_limit]
+        if truncated or len(text.encode()) > self.compute_log_limit:
+            data += TRUNCATED_MARK.format(limit=self.compute_log_limit).encode()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        if complete:
+            marker = manager.complete_artifact_path(log_key)
+            with open(marker, "w"):
+                pass

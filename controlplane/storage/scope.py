@@ -1,0 +1,147 @@
+"""Whose data a storage call touches, checked against the caller's scope before it runs.
+
+A run token's scope is one run of one location: it writes only that run's events, state, tags and compute
+logs, reads that run's records and snapshots, and reads asset state (which Dagster's IO and partition logic
+need, whatever location wrote it). Everything else is refused with the reason, which the audit log keeps.
+Checks see decoded arguments; each is a small function in a table, as the allowlist is.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.storage_calls import StorageCallRefused
+
+__all__ = ["Scope", "check"]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What the metadata relay vouched for: the run (and its location) whose token made the call."""
+
+    run_id: str
+    location: str
+
+
+Bound = Mapping[str, Any]
+Check = Callable[[Scope, Bound, Any], None]  # (scope, bound arguments, instance) -> None or raise
+
+ASSET_EVENT_TYPES = frozenset({
+    "ASSET_MATERIALIZATION", "ASSET_OBSERVATION", "ASSET_MATERIALIZATION_PLANNED", "ASSET_CHECK_EVALUATION",
+    "ASSET_CHECK_EVALUATION_PLANNED", "ASSET_FAILED_TO_MATERIALIZE",
+})
+
+
+def _refuse(message: str) -> None:
+    raise StorageCallRefused(message)
+
+
+def _own_run(name: str) -> Check:
+    def check(scope: Scope, bound: Bound, _instance: Any) -> None:
+        if bound.get(name) != scope.run_id:
+            _refuse(f"{name}={bound.get(name)!r} is not this token's run {scope.run_id}")
+
+    return check
+
+
+def _own_events(name: str) -> Check:
+    def check(scope: Scope, bound: Bound, _instance: Any) -> None:
+        value = bound.get(name)
+        events = value if isinstance(value, list) else [value]  # a NamedTuple event is a tuple too
+        for event in events:
+            if getattr(event, "run_id", None) != scope.run_id:
+                _refuse(f"an event of run {getattr(event, 'run_id', None)!r} is not this token's run {scope.run_id}")
+
+    return check
+
+
+def _own_log_key(scope: Scope, bound: Bound, _instance: Any) -> None:
+    key = bound.get("log_key") or []
+    if not key or key[0] != scope.run_id:
+        _refuse(f"compute log key {list(key)} is not under this token's run {scope.run_id}")
+
+
+def _runs_filter(scope: Scope, bound: Bound, _instance: Any) -> None:
+    filters = bound.get("filters")
+    run_ids = list(getattr(filters, "run_ids", None) or [])
+    if not run_ids or set(run_ids) != {scope.run_id}:
+        _refuse(f"a run token may list only its own run {scope.run_id}, not filter {filters!r}")
+
+
+def _own_snapshot(kind: str) -> Check:
+    def check(scope: Scope, bound: Bound, instance: Any) -> None:
+        wanted = next((v for k, v in bound.items() if k.endswith("snapshot_id")), None)
+        run = instance.get_run_by_id(scope.run_id)
+        own = getattr(run, f"{kind}_snapshot_id", None) if run else None
+        if wanted is None or wanted != own:
+            _refuse(f"{kind} snapshot {wanted!r} is not the one of this token's run {scope.run_id}")
+
+    return check
+
+
+def _asset_events(scope: Scope, bound: Bound, _instance: Any) -> None:
+    records_filter = bound.get("event_records_filter")
+    event_type = getattr(getattr(records_filter, "event_type", None), "value", None)
+    if event_type not in ASSET_EVENT_TYPES:
+        _refuse(f"a run token may query asset events only, not {event_type!r}")
+
+
+def _anything(_scope: Scope, _bound: Bound, _instance: Any) -> None:
+    return None
+
+
+CHECKS: dict[str, Check] = {
+    "events.store_event": _own_events("event"),
+    "events.store_event_batch": _own_events("events"),
+    "runs.handle_run_event": _own_run("run_id"),
+    "runs.add_run_tags": _own_run("run_id"),
+    "compute_logs.upload": _own_log_key,
+    "runs.get_runs": _runs_filter,
+    "runs.get_run_records": _runs_filter,
+    "runs.get_runs_count": _runs_filter,
+    "runs.get_run_ids": _runs_filter,
+    "runs.has_run": _own_run("run_id"),
+    "runs.get_run_group": _own_run("run_id"),
+    "runs.has_job_snapshot": _own_snapshot("job"),
+    "runs.get_job_snapshot": _own_snapshot("job"),
+    "runs.has_execution_plan_snapshot": _own_snapshot("execution_plan"),
+    "runs.get_execution_plan_snapshot": _own_snapshot("execution_plan"),
+    "events.get_records_for_run": _own_run("run_id"),
+    "events.get_event_records": _asset_events,
+    # Asset and partition state: read by IO managers, partition and data-version logic, any location.
+    "events.get_asset_records": _anything,
+    "events.has_asset_key": _anything,
+    "events.all_asset_keys": _anything,
+    "events.get_latest_materialization_events": _anything,
+    "events.get_materialized_partitions": _anything,
+    "events.get_latest_storage_id_by_partition": _anything,
+    "events.get_latest_tags_by_partition": _anything,
+    "events.get_latest_asset_partition_materialization_attempts_without_materializations": _anything,
+    "events.get_dynamic_partitions": _anything,
+    "events.has_dynamic_partition": _anything,
+    "events.get_pool_config": _anything,
+    "events.get_pool_limits": _anything,
+    "events.fetch_materializations": _anything,
+    "events.fetch_observations": _anything,
+    "events.get_updated_data_version_partitions": _anything,
+    "events.get_asset_check_summary_records": _anything,
+    "events.get_latest_planned_materialization_info": _anything,
+    "events.get_event_tags_for_asset": _anything,
+}
+
+
+def check(scope: Scope, method: str, target: Callable[..., Any], args: list[Any], kwargs: dict[str, Any],
+          instance: Any) -> None:
+    """Raise StorageCallRefused unless `method(*args, **kwargs)` stays inside `scope`."""
+    rule = CHECKS.get(method)
+    if rule is None:
+        _refuse(f"{method} is not allowed for a run token")
+    try:
+        bound = inspect.signature(target).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise StorageCallRefused(f"{method}: {exc}") from None
+    bound.apply_defaults()
+    rule(scope, bound.arguments, instance)

@@ -1,0 +1,164 @@
+"""Values of Dagster's instance storage calls, as JSON that crosses the trust boundary: never pickle.
+
+Dagster's serdes encodes most of what storage methods take and return (runs, events, filters, asset keys).
+What it lacks gets an explicit, tagged codec here: plain containers (tuples, sets, maps with non-string keys),
+datetimes, and a short allowlist of Dagster record types that serdes does not register (RunRecord,
+AssetRecord, PoolConfig, ...). Decoding never imports a name it was sent: a tag is looked up in the tables
+below, and anything else is refused with a CodecError naming it.
+
+Imported only where Dagster is installed (userland in user-code images, the control plane); the appliance
+forwards the encoded text without reading it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+from collections.abc import Callable, Mapping
+from functools import cache
+from typing import Any
+
+from dagster._serdes import deserialize_value, serialize_value
+
+__all__ = ["CodecError", "decode", "encode", "pack", "unpack"]
+
+
+class CodecError(ValueError):
+    """A value that cannot cross the boundary (or text that is not a value we wrote)."""
+
+
+# Record types serdes does not register, by the name they cross under -> "module:Class". Fields cross as
+# keyword arguments, each packed recursively.
+_RECORDS: Mapping[str, str] = {
+    "RunRecord": "dagster._core.storage.dagster_run:RunRecord",
+    "RunsFilter": "dagster._core.storage.dagster_run:RunsFilter",
+    "AssetRecord": "dagster._core.storage.event_log.base:AssetRecord",
+    "AssetEntry": "dagster._core.storage.event_log.base:AssetEntry",
+    "PoolConfig": "dagster._core.storage.event_log.base:PoolConfig",
+    "PoolLimit": "dagster._core.storage.event_log.base:PoolLimit",
+    "EventLogConnection": "dagster._core.storage.event_log.base:EventLogConnection",
+    "AssetCheckSummaryRecord": "dagster._core.storage.event_log.base:AssetCheckSummaryRecord",
+    "PlannedMaterializationInfo": "dagster._core.storage.event_log.base:PlannedMaterializationInfo",
+    "ConcurrencyClaimStatus": "dagster._core.storage.dagster_run:ConcurrencyClaimStatus",
+    "ConcurrencyKeyInfo": "dagster._core.storage.event_log.base:ConcurrencyKeyInfo",
+    "ConcurrencySlotStatus": "dagster._core.storage.event_log.base:ConcurrencySlotStatus",
+    "PendingStepInfo": "dagster._core.storage.event_log.base:PendingStepInfo",
+    "ClaimedSlotInfo": "dagster._core.storage.event_log.base:ClaimedSlotInfo",
+}
+
+
+@cache
+def _record_class(name: str) -> type:
+    module, _, attr = _RECORDS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@cache
+def _record_names() -> dict[type, str]:
+    found = {}
+    for name in _RECORDS:
+        try:
+            found[_record_class(name)] = name
+        except (ImportError, AttributeError):  # a type this Dagster version does not have
+            continue
+    return found
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    from dagster._record import as_dict, is_record
+
+    if is_record(value):  # before _asdict: @record types refuse iteration
+        return dict(as_dict(value))
+    if hasattr(value, "_asdict"):
+        return dict(value._asdict())
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: getattr(value, name) for name in value.__dataclass_fields__}
+    raise CodecError(f"cannot take the fields of {type(value).__name__}")
+
+
+def _serdes_text(value: Any) -> str | None:
+    """serdes JSON for registered types; None if serdes does not know the value's type."""
+    from dagster_shared.serdes.serdes import _WHITELIST_MAP
+
+    name = type(value).__name__
+    known = _WHITELIST_MAP.object_serializers.get(name) or _WHITELIST_MAP.enum_serializers.get(name)
+    if known is None or getattr(known, "klass", type(value)) is not type(value):
+        return None
+    return serialize_value(value)
+
+
+def pack(value: Any) -> Any:
+    """A Python value -> a JSON-able tree (tagged where plain JSON would lose the type)."""
+    if value is None or (isinstance(value, (bool, int, float, str)) and not hasattr(value, "_value_")):
+        return value
+    if isinstance(value, dt.datetime):
+        return {"@": "datetime", "v": value.isoformat()}
+    if isinstance(value, bytes):
+        raise CodecError("bytes do not cross the storage boundary")
+    record = _record_names().get(type(value))
+    if record is not None:
+        return {"@": "record", "t": record, "v": {k: pack(v) for k, v in _fields(value).items()}}
+    text = _serdes_text(value)
+    if text is not None:
+        return {"@": "serdes", "v": text}
+    if isinstance(value, list):
+        return [pack(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return {"@": "tuple", "v": [pack(v) for v in value]}
+    if isinstance(value, (set, frozenset)):
+        return {"@": "set", "v": [pack(v) for v in value]}
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) for k in value):
+            return {"@": "dict", "v": {k: pack(v) for k, v in value.items()}}
+        return {"@": "map", "v": [[pack(k), pack(v)] for k, v in value.items()]}
+    raise CodecError(f"{type(value).__module__}.{type(value).__qualname__} has no codec for the storage boundary")
+
+
+_UNPACK: dict[str, Callable[[Any], Any]] = {
+    "datetime": lambda v: dt.datetime.fromisoformat(v),
+    "serdes": lambda v: deserialize_value(v),
+    "tuple": lambda v: tuple(unpack(x) for x in v),
+    "set": lambda v: {unpack(x) for x in v},
+    "dict": lambda v: {k: unpack(x) for k, x in v.items()},
+    "map": lambda v: {unpack(k): unpack(x) for k, x in v},
+}
+
+
+def unpack(tree: Any) -> Any:
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    if isinstance(tree, list):
+        return [unpack(v) for v in tree]
+    if not isinstance(tree, dict) or "@" not in tree or "v" not in tree:
+        raise CodecError(f"not an encoded value: {str(tree)[:80]}")
+    tag = tree["@"]
+    if tag == "record":
+        name = tree.get("t")
+        if name not in _RECORDS:
+            raise CodecError(f"record type {name!r} is not on the storage codec's allowlist")
+        fields = tree["v"]
+        if not isinstance(fields, dict):
+            raise CodecError(f"record {name}: fields must be an object")
+        return _record_class(name)(**{k: unpack(v) for k, v in fields.items()})
+    decoder = _UNPACK.get(tag)
+    if decoder is None:
+        raise CodecError(f"unknown value tag {tag!r}")
+    try:
+        return decoder(tree["v"])
+    except CodecError:
+        raise
+    except Exception as exc:  # serdes errors, bad isoformat, unhashable set members
+        raise CodecError(f"cannot decode a {tag} value: {exc}") from None
+
+
+def encode(value: Any) -> str:
+    return json.dumps(pack(value), separators=(",", ":"))
+
+
+def decode(text: str) -> Any:
+    try:
+        tree = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"not JSON: {exc}") from None
+    return unpack(tree)
