@@ -7,9 +7,11 @@ ROLE = "airlock.role"  # code-server | run | probe | network | appliance
 LOCATION = "airlock.location"
 SPEC_HASH = "airlock.spec-hash"
 APPLIANCE_ID = "airlock.appliance-id"
+RUN_ID = "airlock.run-id"  # on run containers: the Dagster run they execute
 
 ROLE_APPLIANCE = "appliance"
 ROLE_CODE_SERVER = "code-server"
+ROLE_RUN = "run"
 ROLE_PROBE = "probe"
 ROLE_NETWORK = "network"
 

@@ -26,6 +26,7 @@ class Settings:
     control_plane_fingerprint: str = ""  # expected control-plane key id, pinned at enrollment
     ca_file: str = ""  # trust only this CA for the gateway's TLS certificate
     queues: tuple[str, ...] = ("default",)
+    metadata_control_socket: str = "/run/airlock/metadata/control.sock"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

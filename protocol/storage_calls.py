@@ -16,13 +16,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["CALLS", "Mode", "StorageCallRefused", "call_mode"]
+__all__ = ["CALLS", "CodecError", "Mode", "StorageCallRefused", "call_mode"]
 
 Mode = Literal["write", "call"]
 
 
 class StorageCallRefused(Exception):
     """A storage call that is not on the allowlist, outside the caller's scope, or failed on the far side."""
+
+
+class CodecError(ValueError):
+    """A value that cannot cross the boundary (or text that is not one protocol/storage_codec wrote)."""
 
 
 CALLS: dict[str, Mode] = {

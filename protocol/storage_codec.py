@@ -21,11 +21,9 @@ from typing import Any
 
 from dagster._serdes import deserialize_value, serialize_value
 
+from protocol.storage_calls import CodecError
+
 __all__ = ["CodecError", "decode", "encode", "pack", "unpack"]
-
-
-class CodecError(ValueError):
-    """A value that cannot cross the boundary (or text that is not a value we wrote)."""
 
 
 # Record types serdes does not register, by the name they cross under -> "module:Class". Fields cross as
@@ -35,16 +33,12 @@ _RECORDS: Mapping[str, str] = {
     "RunsFilter": "dagster._core.storage.dagster_run:RunsFilter",
     "AssetRecord": "dagster._core.storage.event_log.base:AssetRecord",
     "AssetEntry": "dagster._core.storage.event_log.base:AssetEntry",
-    "PoolConfig": "dagster._core.storage.event_log.base:PoolConfig",
+    "PoolConfig": "dagster._core.instance.config:PoolConfig",
     "PoolLimit": "dagster._core.storage.event_log.base:PoolLimit",
     "EventLogConnection": "dagster._core.storage.event_log.base:EventLogConnection",
     "AssetCheckSummaryRecord": "dagster._core.storage.event_log.base:AssetCheckSummaryRecord",
     "PlannedMaterializationInfo": "dagster._core.storage.event_log.base:PlannedMaterializationInfo",
-    "ConcurrencyClaimStatus": "dagster._core.storage.dagster_run:ConcurrencyClaimStatus",
     "ConcurrencyKeyInfo": "dagster._core.storage.event_log.base:ConcurrencyKeyInfo",
-    "ConcurrencySlotStatus": "dagster._core.storage.event_log.base:ConcurrencySlotStatus",
-    "PendingStepInfo": "dagster._core.storage.event_log.base:PendingStepInfo",
-    "ClaimedSlotInfo": "dagster._core.storage.event_log.base:ClaimedSlotInfo",
 }
 
 
@@ -107,7 +101,7 @@ def pack(value: Any) -> Any:
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         return {"@": "tuple", "v": [pack(v) for v in value]}
     if isinstance(value, (set, frozenset)):
-        return {"@": "set", "v": [pack(v) for v in value]}
+        return {"@": "frozenset" if isinstance(value, frozenset) else "set", "v": [pack(v) for v in value]}
     if isinstance(value, Mapping):
         if all(isinstance(k, str) for k in value):
             return {"@": "dict", "v": {k: pack(v) for k, v in value.items()}}
@@ -120,6 +114,7 @@ _UNPACK: dict[str, Callable[[Any], Any]] = {
     "serdes": lambda v: deserialize_value(v),
     "tuple": lambda v: tuple(unpack(x) for x in v),
     "set": lambda v: {unpack(x) for x in v},
+    "frozenset": lambda v: frozenset(unpack(x) for x in v),
     "dict": lambda v: {k: unpack(x) for k, x in v.items()},
     "map": lambda v: {unpack(k): unpack(x) for k, x in v},
 }

@@ -17,6 +17,7 @@ from typing import Any
 from appliance.agent.dispatcher import Dispatcher, Handler, HandlerError
 from appliance.agent.reconciler import Reconciler
 from appliance.agent.results import ResultBatcher
+from appliance.agent.runs import RunManager
 from appliance.agent.status import write_status
 from appliance.agent.transport import GatewayClient
 from appliance.policy import Location, Policy, PolicyError, locations_from_data
@@ -71,13 +72,15 @@ class ConnectedAgent:
     def __init__(self, client: GatewayClient, reconciler: Reconciler, desired: DesiredLocations, *,
                  queues: list[str], state_dir: str, handlers: dict[WorkKind, Handler] | None = None,
                  reconcile_interval: float = 5.0, heartbeat_interval: float = 10.0,
-                 max_concurrency: int = 8) -> None:
-        self.client, self.reconciler, self.desired = client, reconciler, desired
+                 max_concurrency: int = 8, runs: RunManager | None = None) -> None:
+        self.client, self.reconciler, self.desired, self.runs = client, reconciler, desired, runs
         self.queues, self.state_dir = queues, state_dir
         self.reconcile_interval, self.heartbeat_interval = reconcile_interval, heartbeat_interval
         self.wake = threading.Event()  # set when the desired set changes: reconcile now, not at the next tick
         self.results = ResultBatcher(client.post_results)
         registry = {WorkKind.RECONCILE_LOCATIONS: reconcile_locations_handler(desired, self.wake), **(handlers or {})}
+        if runs is not None:
+            registry |= {WorkKind.LAUNCH_RUN: runs.launch, WorkKind.TERMINATE_RUN: runs.terminate}
         self.dispatcher = Dispatcher(registry, self.results.add, max_workers=max_concurrency)
 
     def run(self, stop: threading.Event) -> None:
@@ -101,6 +104,11 @@ class ConnectedAgent:
             write_status(self.state_dir, self.reconciler.reconcile(self.desired.locations))
         except Exception as exc:  # a failed pass is retried on the next tick
             log.warning("reconcile pass failed, will retry: %s", exc)
+        if self.runs is not None:
+            try:
+                self.runs.reap()
+            except Exception as exc:
+                log.warning("run reaper pass failed, will retry: %s", exc)
 
     def _poll_loop(self, stop: threading.Event) -> None:
         self._retrying(stop, lambda: [self.dispatcher.submit(w) for w in self.client.claim_work(self.queues)])
@@ -109,7 +117,8 @@ class ConnectedAgent:
         def beat() -> None:
             states = [{"name": s.name, "state": s.state.value, "error": (s.error or "")[-2000:] or None,
                        "container": s.container_id} for s in list(self.reconciler.statuses.values())]
-            self.client.heartbeat(states, running_containers=len(states))
+            runs = self.runs.runs() if self.runs is not None else []
+            self.client.heartbeat(states, running_containers=len(states) + len(runs), runs=runs)
             stop.wait(self.heartbeat_interval)
 
         self._retrying(stop, beat)

@@ -23,5 +23,15 @@ mutation PostResults($results: [WorkResultInput!]!) { postResults(results: $resu
 HEARTBEAT = """
 mutation Heartbeat($input: HeartbeatInput!) { heartbeat(input: $input) }"""
 
+STORAGE_WRITE = """
+mutation StorageWrite($runId: String!, $location: String!, $writes: [StorageCallInput!]!) {
+  storageWrite(runId: $runId, location: $location, writes: $writes) { accepted duplicates refused { index error } }
+}"""
+
+STORAGE_CALL = """
+mutation StorageCall($runId: String!, $location: String!, $call: StorageCallInput!) {
+  storageCall(runId: $runId, location: $location, call: $call) { result error }
+}"""
+
 ALL = {"Enroll": ENROLL, "WhoAmI": WHOAMI, "ClaimWork": CLAIM_WORK, "PostResults": POST_RESULTS,
-       "Heartbeat": HEARTBEAT}
+       "Heartbeat": HEARTBEAT, "StorageWrite": STORAGE_WRITE, "StorageCall": STORAGE_CALL}

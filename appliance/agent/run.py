@@ -138,7 +138,9 @@ def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, st
     from appliance.agent.grpc_handler import grpc_call_handler
     from appliance.agent.grpc_replay import GrpcReplayer
     from appliance.agent.identity import ensure_enrolled, load_or_create_key
+    from appliance.agent.runs import RelayControl, RunManager
     from appliance.agent.transport import GatewayClient
+    from appliance.metadata.tokens import RunTokens
     from protocol.work import WorkKind
 
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else True
@@ -148,10 +150,14 @@ def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, st
                                  fingerprint=settings.control_plane_fingerprint)
     log.info("agent %s connected to %s as %s (queues %s)", settings.appliance_id, settings.control_plane_url,
              enrollment.agent_id, ",".join(settings.queues))
+    desired = DesiredLocations(settings.state_dir, policy)
+    runs = RunManager(reconciler.engine, policy, RunTokens.load_or_create(settings.state_dir),
+                      RelayControl(settings.metadata_control_socket), lambda: desired.locations, settings.egress_port)
     agent = ConnectedAgent(
-        client, reconciler, DesiredLocations(settings.state_dir, policy), queues=list(settings.queues),
+        client, reconciler, desired, queues=list(settings.queues),
         state_dir=settings.state_dir, reconcile_interval=settings.reconcile_interval,
         handlers={WorkKind.GRPC_CALL: grpc_call_handler(GrpcReplayer(), lambda: dict(reconciler.statuses))},
+        runs=runs,
     )
     agent.run(stop)
 

@@ -126,9 +126,18 @@ class GatewayClient:
     def post_results(self, results: list[dict[str, Any]]) -> int:
         return self.execute(operations.POST_RESULTS, {"results": results})["postResults"]
 
-    def heartbeat(self, locations: list[dict[str, Any]], running_containers: int) -> bool:
-        variables = {"input": {"locations": locations, "runningContainers": running_containers}}
+    def heartbeat(self, locations: list[dict[str, Any]], running_containers: int,
+                  runs: list[dict[str, Any]] | None = None) -> bool:
+        variables = {"input": {"locations": locations, "runningContainers": running_containers, "runs": runs or []}}
         return self.execute(operations.HEARTBEAT, variables)["heartbeat"]
+
+    def storage_write(self, run_id: str, location: str, writes: list[dict[str, Any]]) -> dict[str, Any]:
+        variables = {"runId": run_id, "location": location, "writes": writes}
+        return self.execute(operations.STORAGE_WRITE, variables, timeout=120.0)["storageWrite"]
+
+    def storage_call(self, run_id: str, location: str, call: dict[str, Any]) -> dict[str, Any]:
+        variables = {"runId": run_id, "location": location, "call": call}
+        return self.execute(operations.STORAGE_CALL, variables, timeout=120.0)["storageCall"]
 
     def whoami(self) -> dict[str, Any]:
         return self.execute(operations.WHOAMI)["agent"]

@@ -15,7 +15,7 @@ from docker.models.containers import Container
 from docker.models.networks import Network
 
 from appliance import labels
-from appliance.launcher.spec import EGRESS_ALIAS, ContainerSpec
+from appliance.launcher.spec import EGRESS_ALIAS, METADATA_ALIAS, ContainerSpec
 
 log = logging.getLogger("airlock.launcher")
 NETWORK_OPTIONS = {"com.docker.network.bridge.inhibit_ipv4": "true"}
@@ -93,7 +93,7 @@ class Engine:
         if any(cid.startswith(container_id) for cid in containers):
             return
         try:
-            network.connect(container_id, aliases=[EGRESS_ALIAS])
+            network.connect(container_id, aliases=[EGRESS_ALIAS, METADATA_ALIAS])
         except docker.errors.DockerException as exc:
             raise LauncherError(f"cannot attach the appliance to {network.name}: {_explain(exc)}") from exc
 

@@ -15,7 +15,9 @@ from appliance import labels
 from appliance.policy import Limits, Location, Policy
 from protocol.dagster_grpc import DEFAULT_PORT
 
-EGRESS_ALIAS = "airlock-egress"  # the appliance's DNS name on every location network
+EGRESS_ALIAS = "airlock-egress"  # the appliance's DNS names on every location network
+METADATA_ALIAS = "airlock-metadata"
+METADATA_PORT = 7070
 
 
 @dataclass(frozen=True)
@@ -56,21 +58,25 @@ def spec_hash(kwargs: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def code_server_spec(location: Location, policy: Policy, *, appliance_id: str, image_id: str,
-                     egress_port: int) -> ContainerSpec:
-    """A code server: `dagster api grpc` for one location, on that location's internal network."""
-    target = ["--module-name", location.module] if location.module else ["--package-name", str(location.package)]
+def _location_env(location: Location, egress_port: int) -> dict[str, str]:
     proxy = f"http://{EGRESS_ALIAS}:{egress_port}"
-    env = dict(location.env) | {
+    return dict(location.env) | {
         "HTTP_PROXY": proxy,
         "HTTPS_PROXY": proxy,
         "http_proxy": proxy,
         "https_proxy": proxy,
-        "NO_PROXY": "localhost,127.0.0.1",
-        "no_proxy": "localhost,127.0.0.1",
+        "NO_PROXY": f"localhost,127.0.0.1,{METADATA_ALIAS}",
+        "no_proxy": f"localhost,127.0.0.1,{METADATA_ALIAS}",
         "DAGSTER_HOME": "/tmp/dagster_home",
         "HOME": "/home/dagster",
     }
+
+
+def code_server_spec(location: Location, policy: Policy, *, appliance_id: str, image_id: str,
+                     egress_port: int) -> ContainerSpec:
+    """A code server: `dagster api grpc` for one location, on that location's internal network."""
+    target = ["--module-name", location.module] if location.module else ["--package-name", str(location.package)]
+    env = _location_env(location, egress_port)
     network = network_name(appliance_id, location.name)
     kwargs: dict[str, Any] = {
         "image": image_id,
@@ -101,4 +107,41 @@ def code_server_spec(location: Location, policy: Policy, *, appliance_id: str, i
     name = f"airlock-{appliance_id}-{location.name}-{digest[:8]}"
     kwargs["name"] = name
     kwargs["hostname"] = f"{location.name}-code-server"
+    return ContainerSpec(name=name, kwargs=kwargs, spec_hash=digest)
+
+
+def run_container_name(appliance_id: str, run_id: str) -> str:
+    return f"airlock-{appliance_id}-run-{run_id}"
+
+
+def run_spec(location: Location, policy: Policy, *, appliance_id: str, image_id: str, run_id: str,
+             execute_run_args: str, token: str, egress_port: int) -> ContainerSpec:
+    """One run: `dagster api execute_run` in its own container, on the location's network, hardened the same.
+
+    Its storage goes to the appliance's metadata relay with `token`, a capability for this run only; the
+    container gets nothing else of the appliance's (no key, no Docker socket, no state volume).
+    """
+    env = _location_env(location, egress_port) | {
+        "AIRLOCK_METADATA_URL": f"http://{METADATA_ALIAS}:{METADATA_PORT}",
+        "AIRLOCK_RUN_TOKEN": token,
+    }
+    kwargs: dict[str, Any] = {
+        "image": image_id,
+        "command": ["dagster", "api", "execute_run", execute_run_args],
+        "environment": env,
+        "network": network_name(appliance_id, location.name),
+        **hardened_kwargs(policy, location.limits, location.runtime),
+    }
+    digest = spec_hash({k: v for k, v in kwargs.items() if k != "environment"})
+    name = run_container_name(appliance_id, run_id)
+    kwargs["labels"] = {
+        labels.MANAGED: "true",
+        labels.ROLE: labels.ROLE_RUN,
+        labels.LOCATION: location.name,
+        labels.APPLIANCE_ID: appliance_id,
+        labels.RUN_ID: run_id,
+        labels.SPEC_HASH: digest,
+    }
+    kwargs["name"] = name
+    kwargs["hostname"] = f"run-{run_id[:8]}"
     return ContainerSpec(name=name, kwargs=kwargs, spec_hash=digest)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Callable
+from typing import Any
 
 import graphql
 import sqlalchemy as sa
@@ -26,11 +28,19 @@ from controlplane.gateway.resolvers import GatewayContext, bind
 from controlplane.gateway.schema import build_schema
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import Registry
+from controlplane.storage.service import StorageService
 from protocol.signing import NonceCache, SigningKey
 
 
+def _dagster_instance() -> Any:
+    from dagster import DagsterInstance
+
+    return DagsterInstance.get()
+
+
 def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX_BODY,
-              max_skew_seconds: int = 300) -> Starlette:
+              max_skew_seconds: int = 300, instance_factory: Callable[[], Any] | None = _dagster_instance) -> Starlette:
+    """The gateway. `instance_factory` gives the Dagster instance run storage calls execute on (None: no runs)."""
     store, queue = AgentStore(engine), WorkQueue(engine)
     store.create_schema()
     queue.create_schema()
@@ -38,7 +48,11 @@ def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX
     validator = Validator(schema)
     registry = Registry(engine, queue)
     registry.create_schema()
-    context = GatewayContext(store=store, queue=queue, key=key,
+    storage = None
+    if instance_factory is not None:
+        storage = StorageService(engine, instance_factory, serves=_serves(registry), audit=store.audit)
+        storage.create_schema()
+    context = GatewayContext(store=store, queue=queue, key=key, storage=storage,
                              on_enrolled=lambda agent: registry.publish(agent.deployment, *agent.labels))
 
     async def graphql_endpoint(request: Request) -> Response:
@@ -78,3 +92,11 @@ def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX
     )
     app.state.store, app.state.queue, app.state.key = store, queue, key
     return app
+
+
+def _serves(registry: Registry) -> Callable[[Any, str], bool]:
+    def serves(agent: Any, location: str) -> bool:
+        record = registry.get(agent.deployment, location)
+        return record is not None and record.spec.queue in agent.labels
+
+    return serves

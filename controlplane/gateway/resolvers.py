@@ -17,7 +17,9 @@ from controlplane.gateway.auth import Caller
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.schema import Resolvers
 from controlplane.gateway.store import AgentRecord, AgentStore, EnrollmentError
+from controlplane.storage.service import StorageService
 from protocol.signing import SigningKey, load_public_key
+from protocol.storage_calls import StorageCallRefused
 from protocol.work import work_signing_bytes
 
 MAX_WAIT_SECONDS = 30
@@ -30,6 +32,7 @@ class GatewayContext:
     queue: WorkQueue
     key: SigningKey  # the control plane's own key: signs work, is pinned by agents
     on_enrolled: Callable[[AgentRecord], None] = lambda _agent: None  # e.g. send the new agent its locations
+    storage: StorageService | None = None  # run workers' storage calls, relayed by the appliance
 
 
 def _caller(info: GraphQLResolveInfo) -> Caller:
@@ -147,5 +150,25 @@ def bind() -> Resolvers:
         assert caller.agent is not None
         ctx.store.record_heartbeat(caller.agent.id, input)
         return True
+
+    def _storage(info: GraphQLResolveInfo) -> tuple[Caller, StorageService]:
+        caller, ctx = _enrolled(info), _ctx(info)
+        if ctx.storage is None:
+            raise GraphQLError("this gateway does not serve run storage")
+        return caller, ctx.storage
+
+    @field(mutation, "storageWrite")
+    async def resolve_storage_write(_: Any, info: GraphQLResolveInfo, runId: str, location: str,
+                                    writes: list[dict]) -> dict:
+        caller, storage = _storage(info)
+        return await asyncio.to_thread(storage.write, caller.agent, caller.key_id, runId, location, writes)
+
+    @field(mutation, "storageCall")
+    async def resolve_storage_call(_: Any, info: GraphQLResolveInfo, runId: str, location: str, call: dict) -> dict:
+        caller, storage = _storage(info)
+        try:
+            return await asyncio.to_thread(storage.call, caller.agent, caller.key_id, runId, location, call)
+        except StorageCallRefused as exc:
+            raise GraphQLError(str(exc)) from None
 
     return {"Query": query, "Mutation": mutation}

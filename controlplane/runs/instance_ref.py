@@ -1,8 +1,8 @@
 """The instance ref a run container gets: userland's relay-backed storage, nothing of the control plane's.
 
 Built from class names only (userland need not import here). No path, database URL or secret of the
-control plane appears in it; the relay URL is the appliance's address on the location network, and the run's
-token reaches the container as an environment variable, not through the ref.
+control plane appears in it: the relay's address (the appliance on the location network) and the run's token
+reach the container as environment variables.
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ def _data(module: str, cls: str, config: str = "{}\n") -> ConfigurableClassData:
     return ConfigurableClassData(module_name=module, class_name=cls, config_yaml=config)
 
 
-def userland_instance_ref(relay_url: str) -> InstanceRef:
-    url = f"url: {relay_url}\n"
+def userland_instance_ref() -> InstanceRef:
+    """The relay's address and the run's token reach userland through the container's environment."""
     return InstanceRef(
         local_artifact_storage_data=_data("dagster._core.storage.root", "LocalArtifactStorage",
                                           f"base_dir: {SCRATCH}\n"),
         compute_logs_data=_data("userland.compute_logs", "RelayComputeLogManager",
-                                f"base_dir: {SCRATCH}/logs\n{url}"),
+                                f"base_dir: {SCRATCH}/logs\n"),
         scheduler_data=None,
         run_coordinator_data=None,
         run_launcher_data=None,
         settings={"telemetry": {"enabled": False}},
-        run_storage_data=_data("userland.storage", "RelayRunStorage", url),
-        event_storage_data=_data("userland.storage", "RelayEventLogStorage", url),
-        schedule_storage_data=_data("userland.storage", "RelayScheduleStorage", url),
+        run_storage_data=_data("userland.storage", "RelayRunStorage"),
+        event_storage_data=_data("userland.storage", "RelayEventLogStorage"),
+        schedule_storage_data=_data("userland.storage", "RelayScheduleStorage"),
     )

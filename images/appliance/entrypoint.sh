@@ -5,7 +5,8 @@
 #   /var/run/docker.sock          the real socket: only sockguard's process gets its group
 #   /run/airlock/sockguard/       sockguard's filtered socket: airlock-agent group only
 #   /run/airlock/egress/          routes the agent writes for the egress proxy: airlock-egress reads
-#   /var/lib/airlock              the agent's state (keys, status): airlock-agent only, 0700
+#   /run/airlock/metadata/        the metadata relay's control socket: airlock-agent only (agent + relay)
+#   /var/lib/airlock              the agent's state (keys, status, run spool): airlock-agent only, 0700
 set -eu
 
 upstream=${AIRLOCK_UPSTREAM_SOCKET:-/var/run/docker.sock}
@@ -19,6 +20,7 @@ export AIRLOCK_DOCKER_GID
 install -d -o root -g root -m 0755 /run/airlock
 install -d -o airlock-sockguard -g airlock-agent -m 0750 /run/airlock/sockguard
 install -d -o airlock-agent -g airlock-egress -m 0750 /run/airlock/egress
+install -d -o airlock-agent -g airlock-agent -m 0700 /run/airlock/metadata
 install -d -o airlock-agent -g airlock-agent -m 0700 "${AIRLOCK_STATE_DIR:-/var/lib/airlock}"
 
 if [ ! -r "${AIRLOCK_LOCATIONS:-/etc/airlock/locations.yaml}" ]; then

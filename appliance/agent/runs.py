@@ -1,0 +1,161 @@
+"""Runs in the appliance: LAUNCH_RUN and TERMINATE_RUN handlers, and the reaper that ends each run container.
+
+Launch: the location must be desired here; its image is resolved to a digest, a per-run token is minted, and a
+hardened run container (launcher/spec.py, checked again by sockguard) starts `dagster api execute_run`. A
+LAUNCH_RUN delivered twice (a lease that lapsed) finds the container already there and does nothing.
+
+Reap, every agent tick: a run container that has exited is reported to the metadata relay (exit code, OOM
+flag, last log lines), which spools the report behind the run's own events and revokes the token; the
+container — and with it the logs — is removed only once the relay has forwarded everything of that run.
+After an agent restart the same pass finds running run containers and leaves them alone: they are adopted,
+never killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from docker.models.containers import Container
+
+from appliance import labels
+from appliance.agent.dispatcher import HandlerError
+from appliance.launcher.engine import Engine, LauncherError
+from appliance.launcher.spec import run_container_name, run_spec
+from appliance.metadata.tokens import RunScope, RunTokens
+from appliance.policy import Location, Policy
+from protocol.work import SignedWork
+
+__all__ = ["RelayControl", "RunManager"]
+
+log = logging.getLogger("airlock.agent.runs")
+
+
+class RelayControl:
+    """The agent's side of the metadata relay's control socket."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.client = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://relay",
+                                   timeout=30.0)
+
+    def exited(self, run_id: str, report: dict[str, Any]) -> None:
+        self.client.post(f"/control/runs/{run_id}/exited", json=report).raise_for_status()
+
+    def pending(self, run_id: str) -> int:
+        response = self.client.get(f"/control/runs/{run_id}")
+        response.raise_for_status()
+        return int(response.json()["pending"])
+
+
+@dataclass
+class RunManager:
+    engine: Engine
+    policy: Policy
+    tokens: RunTokens
+    relay: RelayControl
+    locations: Callable[[], tuple[Location, ...]]  # what is desired here now
+    egress_port: int
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reported: set[str] = set()  # exited containers whose report the relay has
+
+    # -- work handlers ---------------------------------------------------------------------------------
+    def launch(self, work: SignedWork) -> dict[str, Any]:
+        payload = _payload(work, "run_id", "location", "execute_run_args")
+        run_id, location_name = payload["run_id"], payload["location"]
+        location = next((loc for loc in self.locations() if loc.name == location_name), None)
+        if location is None:
+            raise HandlerError(f"location {location_name!r} is not served by this appliance")
+        name = run_container_name(self.engine.appliance_id, run_id)
+        existing = self._find(run_id)
+        if existing is not None:
+            log.info("run %s: container %s already exists (LAUNCH_RUN delivered again)", run_id, name)
+            return {"container": existing.name, "already": True}
+        try:
+            image_id = self.engine.resolve_image(location.image)
+            token = self.tokens.mint(RunScope(run_id=run_id, location=location_name))
+            spec = run_spec(location, self.policy, appliance_id=self.engine.appliance_id, image_id=image_id,
+                            run_id=run_id, execute_run_args=payload["execute_run_args"], token=token,
+                            egress_port=self.egress_port)
+            container = self.engine.start(spec)
+        except (LauncherError, ValueError) as exc:
+            raise HandlerError(f"run {run_id} not started: {exc}") from None
+        log.info("run %s (%s): started %s", run_id, location_name, spec.name)
+        return {"container": container.name}
+
+    def terminate(self, work: SignedWork) -> dict[str, Any]:
+        payload = _payload(work, "run_id")
+        run_id, grace = payload["run_id"], int(payload.get("grace_seconds") or 20)
+        container = self._find(run_id)
+        if container is None:
+            return {"stopped": False, "detail": "no container for this run here"}
+        log.info("run %s: stopping %s (SIGTERM, %d s grace)", run_id, container.name, grace)
+        try:
+            container.stop(timeout=grace)  # Dagster treats SIGTERM as an interrupt: the run ends CANCELED
+        except Exception as exc:
+            raise HandlerError(f"cannot stop {container.name}: {exc}") from None
+        return {"stopped": True}
+
+    # -- the reaper ------------------------------------------------------------------------------------
+    def runs(self) -> list[dict[str, Any]]:
+        """What the heartbeat says about runs: one entry per run container this appliance has."""
+        out = []
+        for container in self.engine.containers(labels.ROLE_RUN):
+            state = container.attrs.get("State") or {}
+            detail = None if state.get("Status") == "running" else _exit_detail(state)
+            out.append({"runId": container.labels.get(labels.RUN_ID, ""),
+                        "location": container.labels.get(labels.LOCATION, ""),
+                        "state": state.get("Status", container.status), "detail": detail})
+        return out
+
+    def reap(self) -> None:
+        for container in self.engine.containers(labels.ROLE_RUN):
+            state = container.attrs.get("State") or {}
+            if state.get("Status") in ("running", "created", "restarting", "paused"):
+                continue
+            run_id = container.labels.get(labels.RUN_ID, "")
+            try:
+                self._reap_one(container, run_id, state)
+            except (httpx.HTTPError, LauncherError) as exc:  # relay restarting: next tick
+                log.warning("run %s: not reaped yet: %s", run_id, exc)
+
+    def _reap_one(self, container: Container, run_id: str, state: dict[str, Any]) -> None:
+        if run_id not in self._reported:
+            report = {"location": container.labels.get(labels.LOCATION, ""), "exit_code": state.get("ExitCode"),
+                      "oom_killed": bool(state.get("OOMKilled")), "log_tail": Engine.log_tail(container, 40),
+                      "reason": state.get("Error") or None}
+            self.relay.exited(run_id, report)
+            self._reported.add(run_id)
+            log.info("run %s: container exited (%s)", run_id, _exit_detail(state))
+        if self.relay.pending(run_id) == 0:
+            self.engine.remove(container)
+            self._reported.discard(run_id)
+            log.info("run %s: everything forwarded; removed %s", run_id, container.name)
+
+    def _find(self, run_id: str) -> Container | None:
+        name = run_container_name(self.engine.appliance_id, run_id)
+        return next((c for c in self.engine.containers(labels.ROLE_RUN) if c.name == name), None)
+
+
+def _payload(work: SignedWork, *required: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(work.payload)
+    except ValueError:
+        raise HandlerError(f"{work.kind.value}: payload is not JSON") from None
+    missing = [k for k in required if not isinstance(payload.get(k), str) or not payload.get(k)]
+    if missing:
+        raise HandlerError(f"{work.kind.value}: payload lacks {', '.join(missing)}")
+    return payload
+
+
+def _exit_detail(state: dict[str, Any]) -> str:
+    detail = f"exit code {state.get('ExitCode')}"
+    if state.get("OOMKilled"):
+        detail += ", OOM-killed"
+    return detail

@@ -1,0 +1,147 @@
+"""The relay's two HTTP faces.
+
+Run workers (TCP, on every location network), each request with `Authorization: Bearer <run token>`:
+
+    POST /v1/write   a spooled write; 200 once it is on disk, 503 when the spool is full (retry later)
+    POST /v1/call    a call that needs its answer; forwarded after this run's earlier writes
+
+The agent (a Unix socket in the appliance, never on a network):
+
+    POST /control/runs/{run_id}/exited   the run's container is gone: spool its exit report, revoke its token
+    GET  /control/runs/{run_id}          {"pending": bytes not yet forwarded}: the agent keeps the container
+                                         (and its logs) until that is 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from appliance.metadata.spool import Spool, SpoolFull
+from appliance.metadata.tokens import RunScope, RunTokens, TokenRefused
+from protocol.storage_calls import CALLS
+
+__all__ = ["RelayState", "StorageCalls", "control_app", "worker_app"]
+
+log = logging.getLogger("airlock.metadata")
+MAX_BODY = 64 * 1024 * 1024  # a step's compute log (50 MB by default) plus its encoding
+EXIT_METHOD = "airlock.run_exited"  # only the agent's control socket can spool this one
+
+
+class StorageCalls(Protocol):
+    def call(self, scope: RunScope, record: dict[str, Any]) -> dict[str, Any]: ...  # -> {"result"} | {"error"}
+
+
+@dataclass
+class RelayState:
+    spool: Spool
+    tokens: RunTokens
+    upstream: StorageCalls
+    read_wait_seconds: float = 20.0
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > MAX_BODY:
+        raise ValueError(f"body of {declared} bytes is over the {MAX_BODY}-byte limit")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise ValueError(f"body is over the {MAX_BODY}-byte limit")
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("body must be a JSON object")
+    return data
+
+
+def _record(data: dict[str, Any], mode: str) -> dict[str, Any]:
+    method = data.get("method")
+    if CALLS.get(method) != mode:  # type: ignore[arg-type]
+        allowed = "not on the storage call allowlist" if method not in CALLS else f"not a {mode}"
+        raise ValueError(f"{method!r} is {allowed}")
+    for name, kind in (("args", str), ("kwargs", str), ("client", str), ("seq", int)):
+        if not isinstance(data.get(name), kind):
+            raise ValueError(f"{name} must be a {kind.__name__}")
+    return {k: data[k] for k in ("method", "args", "kwargs", "client", "seq")}
+
+
+def worker_app(state: RelayState) -> Starlette:
+    def scope_of(request: Request) -> RunScope:
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer "):
+            raise TokenRefused("no run token (Authorization: Bearer ...)")
+        return state.tokens.verify(header[7:].strip())
+
+    async def handle(request: Request, mode: str) -> JSONResponse:
+        try:
+            scope = scope_of(request)
+        except TokenRefused as exc:
+            log.warning("refused %s from %s: %s", request.url.path, request.client.host if request.client else "?", exc)
+            return _error(401, str(exc))
+        try:
+            record = _record(await _body(request), mode)
+        except ValueError as exc:
+            log.warning("refused a %s of run %s: %s", mode, scope.run_id, exc)
+            return _error(400, str(exc))
+        if mode == "write":
+            try:
+                await asyncio.to_thread(state.spool.append, scope.run_id, scope.location, record)
+            except SpoolFull as exc:
+                return _error(503, str(exc))
+            return JSONResponse({"ok": True})
+        drained = await asyncio.to_thread(state.spool.wait_forwarded, scope.run_id, state.read_wait_seconds)
+        if not drained:
+            return _error(503, "this run's earlier writes are not forwarded yet")
+        try:
+            answer = await asyncio.to_thread(state.upstream.call, scope, record)
+        except Exception as exc:  # control plane unreachable: the worker retries
+            log.warning("call %s of run %s not answered: %s", record["method"], scope.run_id, exc)
+            return _error(503, f"control plane not reachable: {type(exc).__name__}")
+        if answer.get("error") is not None:
+            return _error(403, answer["error"])
+        return JSONResponse({"result": answer["result"]})
+
+    async def write(request: Request) -> JSONResponse:
+        return await handle(request, "write")
+
+    async def call(request: Request) -> JSONResponse:
+        return await handle(request, "call")
+
+    return Starlette(routes=[Route("/v1/write", write, methods=["POST"]), Route("/v1/call", call, methods=["POST"])])
+
+
+def control_app(state: RelayState) -> Starlette:
+    async def exited(request: Request) -> JSONResponse:
+        run_id = request.path_params["run_id"]
+        try:
+            data = await _body(request)
+            scope = RunScope(run_id=run_id, location=str(data["location"]))
+        except (ValueError, KeyError) as exc:
+            return _error(400, f"bad exit report: {exc}")
+        if not state.tokens.is_revoked(run_id):
+            report = {k: data.get(k) for k in ("exit_code", "oom_killed", "log_tail", "reason")}
+            record = {"method": EXIT_METHOD, "args": "[]", "kwargs": json.dumps(report), "client": "airlock-agent",
+                      "seq": 1}
+            await asyncio.to_thread(state.spool.append, scope.run_id, scope.location, record)
+            state.tokens.revoke(run_id)
+        await asyncio.to_thread(state.spool.end, run_id)
+        return JSONResponse({"ok": True})
+
+    async def status(request: Request) -> JSONResponse:
+        return JSONResponse({"pending": state.spool.pending_of(request.path_params["run_id"])})
+
+    return Starlette(routes=[Route("/control/runs/{run_id}/exited", exited, methods=["POST"]),
+                             Route("/control/runs/{run_id}", status, methods=["GET"])])

@@ -1,0 +1,84 @@
+"""Per-run capability tokens: `v1.<run id>.<location>.<mac>`, an HMAC-SHA256 over the rest.
+
+The agent mints one at launch and puts it in the run container's environment; the relay verifies it on each
+call. The MAC key lives in the appliance's state volume (0600), shared by the agent and the relay, so no
+token table is needed and a relay restart loses nothing. A token is scoped to one run of one location and
+is revoked for good when the run's container ends (a marker file per run, also in the state volume).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["RunScope", "RunTokens", "TokenRefused"]
+
+KEY_FILE = "run-token.key"
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # no dots: they separate the token's parts
+
+
+class TokenRefused(PermissionError):
+    """No token, a malformed or forged one, or one whose run has ended."""
+
+
+@dataclass(frozen=True)
+class RunScope:
+    run_id: str
+    location: str
+
+
+class RunTokens:
+    def __init__(self, key: bytes, revoked_dir: Path) -> None:
+        self._key, self.revoked_dir = key, revoked_dir
+        revoked_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @classmethod
+    def load_or_create(cls, state_dir: str) -> RunTokens:
+        path = Path(state_dir) / KEY_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise TokenRefused(f"{path} is not a 32-byte token key")
+        return cls(key, Path(state_dir) / "runs-ended")
+
+    def mint(self, scope: RunScope) -> str:
+        for value in (scope.run_id, scope.location):
+            if not _NAME.fullmatch(value):
+                raise ValueError(f"{value!r} cannot be part of a run token")
+        body = f"v1.{scope.run_id}.{scope.location}"
+        return f"{body}.{self._mac(body)}"
+
+    def verify(self, token: str) -> RunScope:
+        parts = token.split(".")
+        if len(parts) != 4 or parts[0] != "v1":
+            raise TokenRefused("not an airlock run token")
+        body = ".".join(parts[:3])
+        if not hmac.compare_digest(parts[3], self._mac(body)):
+            raise TokenRefused("run token signature does not verify")
+        scope = RunScope(run_id=parts[1], location=parts[2])
+        if self.is_revoked(scope.run_id):
+            raise TokenRefused(f"run {scope.run_id} has ended; its token is revoked")
+        return scope
+
+    def revoke(self, run_id: str) -> None:
+        if _NAME.fullmatch(run_id):
+            (self.revoked_dir / run_id).touch()
+
+    def is_revoked(self, run_id: str) -> bool:
+        return (self.revoked_dir / run_id).exists()
+
+    def _mac(self, body: str) -> str:
+        digest = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")

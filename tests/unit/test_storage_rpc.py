@@ -1,0 +1,256 @@
+"""The storage RPC without Docker: codec, scope checks and ingestion, with a real run of the example job whose
+run worker uses userland's relay-backed storage, looped back to a control-plane executor in this process."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+dagster = pytest.importorskip("dagster")
+
+from dagster import AssetKey, DagsterEventType, DagsterInstance  # noqa: E402
+from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter  # noqa: E402
+from dagster._core.storage.event_log.base import PoolConfig  # noqa: E402
+
+from controlplane.storage.executor import StorageExecutor  # noqa: E402
+from controlplane.storage.scope import Scope  # noqa: E402
+from controlplane.storage.service import EXIT_METHOD, StorageService  # noqa: E402
+from protocol.storage_calls import CALLS, CodecError, StorageCallRefused  # noqa: E402
+from protocol.storage_codec import decode, encode  # noqa: E402
+from userland.client import RelayClient  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "images" / "example-location"
+
+
+# -- the codec ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [
+    None, 1, 2.5, "x", True, [1, "a"], (1, 2), {1, 2}, frozenset({"a"}), {"k": (1, 2)},
+    {AssetKey(["a", "b"]): 3}, dt.datetime(2026, 11, 26, 6, 0, tzinfo=dt.timezone.utc),
+    RunsFilter(run_ids=["r1"], created_after=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)),
+    PoolConfig(pool_granularity=None, default_pool_limit=3, op_granularity_run_buffer=None),
+    DagsterRunStatus.SUCCESS, AssetKey(["raw_numbers"]),
+])
+def test_codec_round_trips(value: Any) -> None:
+    back = decode(encode(value))
+    assert back == value and type(back) is type(value)
+
+
+def test_codec_refuses_what_it_does_not_know_and_never_imports_a_name_it_is_sent() -> None:
+    class Foreign:
+        pass
+
+    with pytest.raises(CodecError, match="has no codec"):
+        encode(Foreign())
+    with pytest.raises(CodecError, match="bytes"):
+        encode(b"\x80")
+    for text, message in [
+        ('{"@":"record","t":"os:system","v":{}}', "not on the storage codec's allowlist"),
+        ('{"@":"pickle","v":"gASV"}', "unknown value tag"),
+        ('{"py/object":"os.system"}', "not an encoded value"),
+        ('{"@":"serdes","v":"{\\"__class__\\": \\"NoSuchClass\\"}"}', "cannot decode a serdes value"),
+        ("not json", "not JSON"),
+    ]:
+        with pytest.raises(CodecError, match=message):
+            decode(text)
+
+
+# -- a real run through userland, looped back --------------------------------------------------------------
+@pytest.fixture()
+def control_plane(tmp_path: Path) -> Iterator[DagsterInstance]:
+    (tmp_path / "cp").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "cp")) as instance:
+        yield instance
+
+
+def _run_for(instance: DagsterInstance, job_name: str):
+    sys.path.insert(0, str(EXAMPLE))
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+    from dagster._core.execution.api import create_execution_plan
+    from dagster._core.remote_origin import (
+        InProcessCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    repo = ReconstructableRepository.for_module("example_location.definitions", "defs", working_directory=str(EXAMPLE))
+    recon = repo.get_reconstructable_job(job_name)
+    origin = RemoteJobOrigin(RemoteRepositoryOrigin(InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(module_name="example_location.definitions"), location_name="example"),
+        "__repository__"), job_name)
+    return recon, instance.create_run_for_job(
+        job_def=recon.get_definition(), execution_plan=create_execution_plan(recon),
+        job_code_origin=recon.get_python_origin(), remote_job_origin=origin,
+        run_config={"execution": {"config": {"in_process": {}}}})
+
+
+class Loopback:
+    """What the relay and gateway do, in one step: run each call on the control plane's executor."""
+
+    def __init__(self, executor: StorageExecutor, scope: Scope) -> None:
+        self.executor, self.scope, self.methods = executor, scope, []
+
+    def __call__(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert CALLS[body["method"]] == path.rsplit("/", 1)[-1]
+        self.methods.append(body["method"])
+        result = self.executor.execute(self.scope, body["method"], body["args"], body["kwargs"])
+        return {"result": result}
+
+
+def _user_instance(monkeypatch: pytest.MonkeyPatch, send: Loopback, tmp_path: Path) -> DagsterInstance:
+    import userland.client
+    import userland.compute_logs
+    import userland.storage
+    from controlplane.runs.instance_ref import userland_instance_ref
+
+    client = RelayClient(send)
+    for module in (userland.client, userland.storage, userland.compute_logs):
+        monkeypatch.setattr(module, "client_from_env", lambda url=None: client)
+    ref = userland_instance_ref()
+    scratch = str(tmp_path / "scratch")
+    ref = ref._replace(local_artifact_storage_data=ref.local_artifact_storage_data._replace(
+        config_yaml=f"base_dir: {scratch}\n"), compute_logs_data=ref.compute_logs_data._replace(
+        config_yaml=f"base_dir: {scratch}/logs\n"))
+    return DagsterInstance.from_ref(ref)
+
+
+@pytest.mark.parametrize("job_name", ["numbers_job", "assets_job"])
+def test_a_run_worker_on_userland_storage_succeeds_with_every_event_on_the_control_plane(
+        control_plane: DagsterInstance, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, job_name: str) -> None:
+    from dagster._cli.api import _execute_run_command_body
+
+    _recon, run = _run_for(control_plane, job_name)
+    send = Loopback(StorageExecutor(control_plane), Scope(run.run_id, "example"))
+    worker = _user_instance(monkeypatch, send, tmp_path)
+    assert worker.get_ref().run_storage_data.class_name == "RelayRunStorage"
+
+    code = _execute_run_command_body(run.run_id, worker, lambda _e: None, set_exit_code_on_failure=True)
+
+    assert code == 0
+    assert control_plane.get_run_by_id(run.run_id).status == DagsterRunStatus.SUCCESS
+    events = [e.dagster_event_type for e in control_plane.all_logs(run.run_id) if e.is_dagster_event]
+    assert events.count(DagsterEventType.STEP_SUCCESS) == (4 if job_name == "numbers_job" else 3)
+    assert DagsterEventType.RUN_SUCCESS in events and "events.store_event" in send.methods
+    if job_name == "assets_job":
+        assert control_plane.get_latest_materialization_event(AssetKey("summary")) is not None
+    # Compute logs land where the control plane's compute log manager serves them.
+    manager = control_plane.compute_log_manager
+    logs = list(Path(manager._base_dir, run.run_id).rglob("*.out"))  # noqa: SLF001
+    assert logs and any(p.read_text() for p in logs) or job_name == "assets_job"
+
+
+# -- scope ------------------------------------------------------------------------------------------------
+def test_a_run_token_cannot_reach_another_runs_data_but_can_its_own(control_plane: DagsterInstance) -> None:
+    from dagster._core.events.log import EventLogEntry
+
+    _, mine = _run_for(control_plane, "numbers_job")
+    _, other = _run_for(control_plane, "numbers_job")
+    executor, scope = StorageExecutor(control_plane), Scope(mine.run_id, "example")
+
+    def call(method: str, *args: Any, **kwargs: Any) -> Any:
+        return decode(executor.execute(scope, method, encode(list(args)), encode(kwargs)))
+
+    def event(run_id: str) -> EventLogEntry:
+        return EventLogEntry(error_info=None, level=20, user_message="hello", run_id=run_id, timestamp=1.0)
+
+    refused = [
+        (("events.store_event", event(other.run_id)), "is not this token's run"),
+        (("events.store_event_batch", [event(mine.run_id), event(other.run_id)]), "is not this token's run"),
+        (("events.get_records_for_run", other.run_id), "is not this token's run"),
+        (("runs.get_run_records", RunsFilter(run_ids=[other.run_id])), "may list only its own run"),
+        (("runs.get_run_records",), "may list only its own run"),
+        (("runs.get_execution_plan_snapshot", "0" * 40), "is not the one of this token's run"),
+        (("runs.add_run_tags", other.run_id, {"x": "y"}), "is not this token's run"),
+        (("runs.wipe",), "not on the storage call allowlist"),
+        (("runs.delete_run", mine.run_id), "not on the storage call allowlist"),
+    ]
+    for (method, *args), message in refused:
+        with pytest.raises(StorageCallRefused, match=message):
+            call(method, *args)
+    # ... and the same calls within scope work.
+    call("events.store_event", event(mine.run_id))
+    assert [r.event_log_entry.user_message for r in call("events.get_records_for_run", mine.run_id).records][-1] \
+        == "hello"
+    records = call("runs.get_run_records", RunsFilter(run_ids=[mine.run_id]))
+    assert [r.dagster_run.run_id for r in records] == [mine.run_id]
+    assert isinstance(records[0].create_timestamp, dt.datetime)
+    assert call("runs.get_execution_plan_snapshot", mine.execution_plan_snapshot_id) is not None
+    assert len(control_plane.all_logs(other.run_id)) == 0  # nothing of the refused writes landed
+
+
+def test_compute_log_keys_stay_under_the_run(control_plane: DagsterInstance) -> None:
+    _, run = _run_for(control_plane, "numbers_job")
+    executor, scope = StorageExecutor(control_plane), Scope(run.run_id, "example")
+    for key in ([run.run_id, "..", "x"], ["other-run", "compute_logs", "x"], [run.run_id, "a/b"]):
+        with pytest.raises(StorageCallRefused):
+            executor.execute(scope, "compute_logs.upload", encode([key, "stdout", "data"]), encode({}))
+    big = "x" * 2000
+    small = StorageExecutor(control_plane, compute_log_limit=1000)
+    small.execute(scope, "compute_logs.upload", encode([[run.run_id, "compute_logs", "s"], "stdout", big]),
+                  encode({}))
+    path = control_plane.compute_log_manager.get_captured_local_path([run.run_id, "compute_logs", "s"], "out")
+    text = Path(path).read_text()
+    assert text.startswith("x" * 1000) and "truncated at 1000 bytes" in text and len(text) < 1100
+
+
+# -- ingestion: once, in scope, audited; the agent's exit report -----------------------------------------------
+@pytest.fixture()
+def service(control_plane: DagsterInstance, tmp_path: Path):
+    audits: list[dict] = []
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'airlock.db'}")
+    svc = StorageService(engine, lambda: control_plane, serves=lambda agent, loc: loc == "example",
+                         audit=lambda **kw: audits.append(kw))
+    svc.create_schema()
+    return svc, audits
+
+
+AGENT = SimpleNamespace(id="agent-1")
+
+
+def test_writes_are_applied_once_even_when_a_batch_is_sent_again(service, control_plane) -> None:
+    from dagster._core.events.log import EventLogEntry
+
+    svc, _ = service
+    _, run = _run_for(control_plane, "numbers_job")
+    writes = [{"method": "events.store_event", "client": "c1", "seq": i, "kwargs": encode({}),
+               "args": encode([EventLogEntry(error_info=None, level=20, user_message=f"m{i}", run_id=run.run_id,
+                                             timestamp=float(i))])} for i in range(1, 4)]
+    assert svc.write(AGENT, "k", run.run_id, "example", writes) == {"accepted": 3, "duplicates": 0, "refused": []}
+    assert svc.write(AGENT, "k", run.run_id, "example", writes) == {"accepted": 0, "duplicates": 3, "refused": []}
+    messages = [e.user_message for e in control_plane.all_logs(run.run_id)]
+    assert messages == ["m1", "m2", "m3"]
+
+
+def test_writes_for_a_location_the_agent_does_not_serve_or_an_unknown_run_are_refused_and_audited(
+        service, control_plane) -> None:
+    svc, audits = service
+    _, run = _run_for(control_plane, "numbers_job")
+    write = [{"method": "events.store_event", "client": "c", "seq": 1, "args": "[]", "kwargs": encode({})}]
+    out = svc.write(AGENT, "k", run.run_id, "elsewhere", write)
+    assert out["accepted"] == 0 and "does not serve location 'elsewhere'" in out["refused"][0]["error"]
+    out = svc.write(AGENT, "k", "no-such-run", "example", write)
+    assert "no run no-such-run" in out["refused"][0]["error"]
+    assert [a["accepted"] for a in audits] == [False, False]
+    with pytest.raises(StorageCallRefused):
+        svc.call(AGENT, "k", "no-such-run", "example", {"method": "runs.has_run", "args": "[]", "kwargs": "{}"})
+
+
+def test_an_exit_report_fails_a_run_that_had_not_ended_with_the_oom_reason(service, control_plane) -> None:
+    svc, _ = service
+    _, run = _run_for(control_plane, "numbers_job")
+    report = {"exit_code": 137, "oom_killed": True, "log_tail": "Killed", "reason": None}
+    out = svc.write(AGENT, "k", run.run_id, "example", [{"method": EXIT_METHOD, "args": "[]", "client": "airlock-agent",
+                                                         "seq": 1, "kwargs": json.dumps(report)}])
+    assert out["accepted"] == 1
+    failed = control_plane.get_run_by_id(run.run_id)
+    assert failed.status == DagsterRunStatus.FAILURE
+    failure = [e for e in control_plane.all_logs(run.run_id) if e.dagster_event_type == DagsterEventType.RUN_FAILURE][0]
+    assert "exited with code 137" in failure.message and "OOM-killed" in failure.message
