@@ -4,7 +4,11 @@
 - ``raw_numbers -> squares -> summary``: an asset graph, with ``assets_job`` materializing it.
 - ``every_five_minutes``: a schedule for ``numbers_job``.
 - ``new_numbers_sensor``: a sensor that keeps a cursor (the last batch it saw) and requests a run per batch.
+- ``sleepy_job`` and ``hungry_job``: for trying termination and the memory limit (a run that waits; a run that
+  allocates until the container's memory limit stops it).
 """
+
+import time
 
 import dagster as dg
 
@@ -72,9 +76,34 @@ def new_numbers_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     )
 
 
+@dg.op(config_schema={"seconds": dg.Field(int, default_value=600)})
+def wait_a_while(context: dg.OpExecutionContext) -> None:
+    context.log.info(f"sleeping {context.op_config['seconds']} s")
+    time.sleep(context.op_config["seconds"])
+
+
+@dg.job
+def sleepy_job() -> None:
+    wait_a_while()
+
+
+@dg.op
+def allocate_until_stopped(context: dg.OpExecutionContext) -> None:
+    chunks = []
+    for n in range(1, 100_000):
+        chunks.append(b"x" * (64 * 1024 * 1024))  # written, so resident (a zeroed allocation may not be)
+        if n % 4 == 0:
+            context.log.info(f"holding {n * 64} MiB")
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def hungry_job() -> None:
+    allocate_until_stopped()
+
+
 defs = dg.Definitions(
     assets=[raw_numbers, squares, summary],
-    jobs=[numbers_job, assets_job],
+    jobs=[numbers_job, assets_job, sleepy_job, hungry_job],
     schedules=[every_five_minutes],
     sensors=[new_numbers_sensor],
 )

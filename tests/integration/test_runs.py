@@ -1,0 +1,128 @@
+"""Runs end to end on real Docker: launched from the unmodified Dagster webserver, executed in a hardened run
+container in the appliance, every event and compute log back on the control plane through the metadata relay.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests import harness
+from tests.integration.stack import ControlPlane, wait
+
+LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message stack }
+  ... on RunConfigValidationInvalid { errors { message } } } }"""
+RUN = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }"""
+EVENTS = """query($id: ID!) { logsForRun(runId: $id, limit: 5000) { __typename ... on EventConnection { events {
+  __typename ... on MessageEvent { message } ... on LogsCapturedEvent { fileKey stepKeys }
+  ... on ExecutionStepSuccessEvent { stepKey } ... on RunFailureEvent { message } } } } }"""
+LOGS = """query($key: [String!]!) { capturedLogs(logKey: $key) { stdout stderr } }"""
+TERMINATE = """mutation($id: String!) { terminateRun(runId: $id) { __typename
+  ... on TerminateRunSuccess { run { runId } } ... on TerminateRunFailure { message }
+  ... on PythonError { message } } }"""
+ASSET = """query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { __typename
+  ... on Asset { assetMaterializations(limit: 1) { runId } } } }"""
+TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def launch(cp: ControlPlane, job: str, run_config: dict | None = None) -> str:
+    params = {"selector": {"repositoryLocationName": "example", "repositoryName": "__repository__", "jobName": job},
+              "runConfigData": run_config or {}}
+    result = cp.graphql(LAUNCH, {"p": params})["launchRun"]
+    assert result["__typename"] == "LaunchRunSuccess", result
+    return result["run"]["runId"]
+
+
+def status(cp: ControlPlane, run_id: str) -> str:
+    return cp.graphql(RUN, {"id": run_id})["runOrError"]["status"]
+
+
+def wait_terminal(cp: ControlPlane, run_id: str, timeout: float = 240) -> str:
+    return wait(f"run {run_id} to end", lambda: (s := status(cp, run_id)) in TERMINAL and s, timeout)
+
+
+def events(cp: ControlPlane, run_id: str) -> list[dict[str, Any]]:
+    return cp.graphql(EVENTS, {"id": run_id})["logsForRun"]["events"]
+
+
+def run_containers(run_id: str) -> list:
+    return harness.client().containers.list(all=True, filters={"label": f"airlock.run-id={run_id}"})
+
+
+JOBS = """{ workspaceOrError { ... on Workspace { locationEntries { locationOrLoadError { __typename
+  ... on RepositoryLocation { repositories { jobs { name } } } } } } } }"""
+
+
+@pytest.fixture()
+def loaded(stack):
+    """The location loaded in the appliance and in the webserver, with the jobs these tests launch."""
+    cp, appliance = stack
+    appliance.wait_for("example", "LOADED", timeout=240)
+
+    def jobs() -> set[str] | None:
+        entry = cp.graphql(JOBS)["workspaceOrError"]["locationEntries"][0]["locationOrLoadError"]
+        names = {j["name"] for r in entry.get("repositories", []) for j in r["jobs"]}
+        return names if {"numbers_job", "sleepy_job", "hungry_job"} <= names else None
+
+    wait("example loaded in the webserver", jobs, 240)
+    return cp, appliance
+
+
+def test_a_multiprocess_job_launched_from_the_webserver_succeeds_with_events_and_compute_logs(loaded) -> None:
+    cp, _ = loaded
+    started = time.monotonic()
+    run_id = launch(cp, "numbers_job")  # the default executor: every step in its own process
+    assert wait_terminal(cp, run_id) == "SUCCESS", events(cp, run_id)[-5:]
+    took = time.monotonic() - started
+    found = events(cp, run_id)
+    steps = {e["stepKey"] for e in found if e["__typename"] == "ExecutionStepSuccessEvent"}
+    assert steps == {"emit_numbers", "total", "evens", "report"}
+    assert any("emitting 10 numbers" in (e.get("message") or "") for e in found)
+    assert any("multiprocess" in (e.get("message") or "").lower() for e in found), "not the multiprocess executor"
+    captured = [e for e in found if e["__typename"] == "LogsCapturedEvent"]
+    report_key = next(e["fileKey"] for e in captured if "report" in (e["stepKeys"] or []))
+    logs = wait("compute logs", lambda: cp.graphql(LOGS, {"key": [run_id, "compute_logs", report_key]})
+                ["capturedLogs"]["stdout"], 60)
+    assert "total=55 evens=5" in logs
+    # The container is removed once everything of the run is forwarded; its token is revoked.
+    wait("run container removed", lambda: not run_containers(run_id), 60)
+    print(f"numbers_job: SUCCESS in {took:.1f} s, {len(found)} events")
+
+
+def test_an_asset_job_materializes_into_the_catalog(loaded) -> None:
+    cp, _ = loaded
+    run_id = launch(cp, "assets_job")
+    assert wait_terminal(cp, run_id) == "SUCCESS"
+    for path in (["raw_numbers"], ["squares"], ["summary"]):
+        materialized = cp.graphql(ASSET, {"path": path})["assetOrError"]["assetMaterializations"]
+        assert materialized and materialized[0]["runId"] == run_id, (path, materialized)
+
+
+def test_terminate_from_the_ui_cancels_within_the_grace_period(loaded) -> None:
+    cp, _ = loaded
+    run_id = launch(cp, "sleepy_job", {"ops": {"wait_a_while": {"config": {"seconds": 600}}}})
+    wait("sleepy run started", lambda: status(cp, run_id) == "STARTED", 120)
+    wait("op sleeping", lambda: any("sleeping 600 s" in (e.get("message") or "") for e in events(cp, run_id)), 60)
+    asked = time.monotonic()
+    result = cp.graphql(TERMINATE, {"id": run_id})["terminateRun"]
+    assert result["__typename"] == "TerminateRunSuccess", result
+    assert wait_terminal(cp, run_id, timeout=20 + 5 + 10) == "CANCELED"
+    took = time.monotonic() - asked
+    assert took <= 20 + 5, f"CANCELED after {took:.1f} s"
+    wait("run container removed", lambda: not run_containers(run_id), 60)
+    print(f"terminate -> CANCELED in {took:.1f} s")
+
+
+def test_a_memory_bomb_fails_the_run_saying_it_was_oom_killed(loaded) -> None:
+    cp, appliance = loaded
+    run_id = launch(cp, "hungry_job")
+    assert wait_terminal(cp, run_id, timeout=300) == "FAILURE"
+    failures = [e["message"] for e in events(cp, run_id) if e["__typename"] == "RunFailureEvent"]
+    assert failures and "OOM-killed" in failures[-1] and "exited with code 137" in failures[-1], failures
+    # Only the run container died: the appliance and the code server are untouched.
+    assert appliance.wait_for("example", "LOADED", timeout=60)
+    print(json.dumps(failures[-1][:300]))
