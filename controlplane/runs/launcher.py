@@ -5,7 +5,9 @@ run's code location, carrying the `dagster api execute_run` arguments with userl
 `terminate` marks the run CANCELING and queues TERMINATE_RUN; the agent stops the container with a grace
 period and the run worker reports CANCELED itself (or the agent's exit report does, if it cannot).
 Run monitoring asks `check_run_worker_health`, answered from the agents' heartbeats: a run whose agent is
-alive but no longer has its container has lost its worker.
+alive but no longer has its container has lost its worker. A container that has exited is not judged here:
+the agent's exit report travels behind the run's own events, so it is read only after them, and it fails
+the run (with exit code, OOM flag and last lines) if the run had not ended by itself.
 
 Configured in the control plane's dagster.yaml; reads the airlock database from the same settings as the
 gateway (AIRLOCK_CP_DB, AIRLOCK_CP_DEPLOYMENT).
@@ -38,6 +40,7 @@ __all__ = ["HybridRunLauncher", "launch_payload"]
 
 HEARTBEAT_FRESH_SECONDS = 45.0
 LAUNCH_GRACE_SECONDS = 120.0  # a run launched this recently may not be in a heartbeat yet
+AGENT_LOST_SECONDS = 600.0  # an agent silent this long has lost its runs
 
 
 def launch_payload(run: DagsterRun, location: str) -> dict[str, Any]:
@@ -117,33 +120,41 @@ class HybridRunLauncher(RunLauncher, ConfigurableClass):
         return True
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
-        """From the agents' heartbeats: which run containers each one has, and how recently it said so."""
+        """From the agents' heartbeats: which run containers each one has, and how recently it said so.
+
+        Dagster fails a run on any answer but RUNNING or SUCCESS, so doubt answers RUNNING: an agent that
+        has not reported for a while (a control plane that just came back, a network blip) gets
+        AGENT_LOST_SECONDS before its runs are failed, and an exited container's outcome is left to the
+        agent's exit report, which arrives behind the run's own events.
+        """
         try:
             location, queue = self._location(run)
         except RuntimeError as exc:
-            return CheckRunHealthResult(WorkerStatus.UNKNOWN, str(exc))
-        now, fresh, seen = time.time(), False, None
+            return CheckRunHealthResult(WorkerStatus.FAILED, str(exc))
+        now, newest, seen = time.time(), 0.0, None
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(agents.c.labels, agents.c.last_seen, agents.c.heartbeat).where(
                 agents.c.deployment == self.settings.deployment, agents.c.status == "active")).all()
         for row in rows:
-            stale = not row.last_seen or now - row.last_seen > HEARTBEAT_FRESH_SECONDS
-            if queue not in json.loads(row.labels) or stale:
+            if queue not in json.loads(row.labels) or not row.last_seen:
                 continue
-            fresh = True
+            newest = max(newest, row.last_seen)
             for entry in (json.loads(row.heartbeat or "{}").get("runs") or []):
                 if entry.get("runId") == run.run_id:
                     seen = entry
-        if not fresh:
-            return CheckRunHealthResult(WorkerStatus.UNKNOWN, f"no agent serving queue {queue!r} has sent a "
-                                        f"heartbeat in the last {HEARTBEAT_FRESH_SECONDS:.0f} s")
+        silent = now - newest
+        if silent > HEARTBEAT_FRESH_SECONDS:
+            if silent > AGENT_LOST_SECONDS:
+                return CheckRunHealthResult(WorkerStatus.FAILED, f"no agent serving queue {queue!r} has sent a "
+                                            f"heartbeat for {silent:.0f} s; the run's worker is presumed lost")
+            return CheckRunHealthResult(WorkerStatus.RUNNING, f"agent heartbeat {silent:.0f} s old; waiting")
         if seen is None:
             started = run.start_time or 0
-            if started and now - started < LAUNCH_GRACE_SECONDS:
-                return CheckRunHealthResult(WorkerStatus.UNKNOWN, "launched recently")
+            if not started or now - started < LAUNCH_GRACE_SECONDS:
+                return CheckRunHealthResult(WorkerStatus.RUNNING, "launched recently")
             return CheckRunHealthResult(WorkerStatus.NOT_FOUND, f"the appliance serving location {location} has "
                                         "no container for this run")
-        if seen.get("state") == "running":
-            return CheckRunHealthResult(WorkerStatus.RUNNING)
-        return CheckRunHealthResult(WorkerStatus.FAILED, f"run container {seen.get('state')}: "
-                                    f"{seen.get('detail') or ''}".strip())
+        if seen.get("state") != "running":
+            return CheckRunHealthResult(WorkerStatus.RUNNING, f"run container {seen.get('state')} "
+                                        f"({seen.get('detail') or 'no detail'}); its exit report is on its way")
+        return CheckRunHealthResult(WorkerStatus.RUNNING)

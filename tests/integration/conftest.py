@@ -1,3 +1,3 @@
 """Fixtures shared by the integration tests."""
 
-from tests.integration.stack import stack  # noqa: F401  (the session-wide control plane + appliance)
+from tests.integration.stack import loaded, stack  # noqa: F401  (the session-wide control plane + appliance)

@@ -19,6 +19,14 @@ from docker.models.containers import Container
 
 from tests import harness
 
+LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message stack }
+  ... on RunConfigValidationInvalid { errors { message } } } }"""
+RUN = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }"""
+TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+JOBS = """{ workspaceOrError { ... on Workspace { locationEntries { locationOrLoadError { __typename
+  ... on RepositoryLocation { repositories { jobs { name } } } } } } } }"""
+
 
 @dataclass
 class ControlPlane:
@@ -121,3 +129,38 @@ def _extract_single(tar_bytes: bytes, target: Path) -> None:
         member = tar.getmembers()[0]
         target.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
     target.chmod(0o644)
+
+
+def launch(cp: ControlPlane, job: str, run_config: dict | None = None) -> str:
+    params = {"selector": {"repositoryLocationName": "example", "repositoryName": "__repository__", "jobName": job},
+              "runConfigData": run_config or {}}
+    result = cp.graphql(LAUNCH, {"p": params})["launchRun"]
+    assert result["__typename"] == "LaunchRunSuccess", result
+    return result["run"]["runId"]
+
+
+def status(cp: ControlPlane, run_id: str) -> str:
+    return cp.graphql(RUN, {"id": run_id})["runOrError"]["status"]
+
+
+def wait_terminal(cp: ControlPlane, run_id: str, timeout: float = 240) -> str:
+    return wait(f"run {run_id} to end", lambda: (s := status(cp, run_id)) in TERMINAL and s, timeout)
+
+
+def run_containers(run_id: str) -> list:
+    return harness.client().containers.list(all=True, filters={"label": f"airlock.run-id={run_id}"})
+
+
+@pytest.fixture()
+def loaded(stack):
+    """The location loaded in the appliance and in the webserver, with the jobs these tests launch."""
+    cp, appliance = stack
+    appliance.wait_for("example", "LOADED", timeout=240)
+
+    def jobs() -> set[str] | None:
+        entry = cp.graphql(JOBS)["workspaceOrError"]["locationEntries"][0]["locationOrLoadError"]
+        names = {j["name"] for r in entry.get("repositories", []) for j in r["jobs"]}
+        return names if {"numbers_job", "sleepy_job", "hungry_job", "chatty_job"} <= names else None
+
+    wait("example loaded in the webserver", jobs, 240)
+    return cp, appliance

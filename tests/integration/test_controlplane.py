@@ -103,17 +103,27 @@ def test_daemon_evaluates_the_sensor_through_the_relay_with_a_cursor(stack) -> N
     cp, appliance = stack
     appliance.wait_for("example", "LOADED", timeout=240)
     start = """mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename
-      ... on Sensor { sensorState { status } } ... on PythonError { message } } }"""
-    wait("sensor started", lambda: cp.graphql(start, {"s": SENSOR})["startSensor"]["__typename"] == "Sensor", 120)
+      ... on Sensor { sensorState { id status } } ... on PythonError { message } } }"""
+    started = wait("sensor started", lambda: (r := cp.graphql(start, {"s": SENSOR})["startSensor"])["__typename"]
+                   == "Sensor" and r, 120)
     ticks_query = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { __typename
-      ... on Sensor { sensorState { status ticks(limit: 10) { status cursor error { message } } } } } }"""
+      ... on Sensor { sensorState { status ticks(limit: 10) { status cursor runIds error { message } } } } } }"""
 
     def two_ticks() -> list | None:
         ticks = cp.graphql(ticks_query, {"s": SENSOR})["sensorOrError"]["sensorState"]["ticks"]
         cursors = [t["cursor"] for t in ticks if t["status"] == "SUCCESS" and t["cursor"]]
         return ticks if len(set(cursors)) >= 2 else None
 
-    ticks = wait("two successful sensor ticks", two_ticks, 240)
+    try:
+        ticks = wait("two successful sensor ticks", two_ticks, 240)
+    finally:  # each tick requests a run: stop it so the other tests do not share the appliance with them
+        cp.graphql("""mutation($id: String!) { stopSensor(id: $id) { __typename } }""",
+                   {"id": started["sensorState"]["id"]})
     cursors = [int(t["cursor"]) for t in ticks if t["status"] == "SUCCESS" and t["cursor"]]
     assert cursors == sorted(cursors, reverse=True) and cursors[0] > cursors[-1], ticks  # newest first, advancing
+    # The runs the sensor requested are launched in the appliance like any other.
+    run_id = next(t["runIds"][0] for t in ticks if t["runIds"])
+    run_status = """query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"""
+    wait(f"sensor run {run_id} SUCCESS",
+         lambda: cp.graphql(run_status, {"id": run_id})["runOrError"]["status"] == "SUCCESS", 240)
     print(json.dumps(ticks[:3]))

@@ -8,15 +8,8 @@ import json
 import time
 from typing import Any
 
-import pytest
+from tests.integration.stack import ControlPlane, launch, run_containers, status, wait, wait_terminal
 
-from tests import harness
-from tests.integration.stack import ControlPlane, wait
-
-LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
-  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message stack }
-  ... on RunConfigValidationInvalid { errors { message } } } }"""
-RUN = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }"""
 EVENTS = """query($id: ID!) { logsForRun(runId: $id, limit: 5000) { __typename ... on EventConnection { events {
   __typename ... on MessageEvent { message } ... on LogsCapturedEvent { fileKey stepKeys }
   ... on ExecutionStepSuccessEvent { stepKey } ... on RunFailureEvent { message } } } } }"""
@@ -26,50 +19,10 @@ TERMINATE = """mutation($id: String!) { terminateRun(runId: $id) { __typename
   ... on PythonError { message } } }"""
 ASSET = """query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { __typename
   ... on Asset { assetMaterializations(limit: 1) { runId } } } }"""
-TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
-
-
-def launch(cp: ControlPlane, job: str, run_config: dict | None = None) -> str:
-    params = {"selector": {"repositoryLocationName": "example", "repositoryName": "__repository__", "jobName": job},
-              "runConfigData": run_config or {}}
-    result = cp.graphql(LAUNCH, {"p": params})["launchRun"]
-    assert result["__typename"] == "LaunchRunSuccess", result
-    return result["run"]["runId"]
-
-
-def status(cp: ControlPlane, run_id: str) -> str:
-    return cp.graphql(RUN, {"id": run_id})["runOrError"]["status"]
-
-
-def wait_terminal(cp: ControlPlane, run_id: str, timeout: float = 240) -> str:
-    return wait(f"run {run_id} to end", lambda: (s := status(cp, run_id)) in TERMINAL and s, timeout)
 
 
 def events(cp: ControlPlane, run_id: str) -> list[dict[str, Any]]:
     return cp.graphql(EVENTS, {"id": run_id})["logsForRun"]["events"]
-
-
-def run_containers(run_id: str) -> list:
-    return harness.client().containers.list(all=True, filters={"label": f"airlock.run-id={run_id}"})
-
-
-JOBS = """{ workspaceOrError { ... on Workspace { locationEntries { locationOrLoadError { __typename
-  ... on RepositoryLocation { repositories { jobs { name } } } } } } } }"""
-
-
-@pytest.fixture()
-def loaded(stack):
-    """The location loaded in the appliance and in the webserver, with the jobs these tests launch."""
-    cp, appliance = stack
-    appliance.wait_for("example", "LOADED", timeout=240)
-
-    def jobs() -> set[str] | None:
-        entry = cp.graphql(JOBS)["workspaceOrError"]["locationEntries"][0]["locationOrLoadError"]
-        names = {j["name"] for r in entry.get("repositories", []) for j in r["jobs"]}
-        return names if {"numbers_job", "sleepy_job", "hungry_job"} <= names else None
-
-    wait("example loaded in the webserver", jobs, 240)
-    return cp, appliance
 
 
 def test_a_multiprocess_job_launched_from_the_webserver_succeeds_with_events_and_compute_logs(loaded) -> None:
@@ -126,3 +79,26 @@ def test_a_memory_bomb_fails_the_run_saying_it_was_oom_killed(loaded) -> None:
     # Only the run container died: the appliance and the code server are untouched.
     assert appliance.wait_for("example", "LOADED", timeout=60)
     print(json.dumps(failures[-1][:300]))
+
+
+SCHEDULE = {"repositoryLocationName": "example", "repositoryName": "__repository__", "scheduleName": "every_minute"}
+START_SCHEDULE = """mutation($s: ScheduleSelector!) { startSchedule(scheduleSelector: $s) { __typename
+  ... on ScheduleStateResult { scheduleState { id status } } ... on PythonError { message } } }"""
+STOP_SCHEDULE = """mutation($id: String!) { stopRunningSchedule(id: $id) { __typename } }"""
+SCHEDULE_TICKS = """query($s: ScheduleSelector!) { scheduleOrError(scheduleSelector: $s) { __typename
+  ... on Schedule { scheduleState { ticks(limit: 5) { status runIds error { message } } } } } }"""
+
+
+def test_a_schedule_tick_launches_a_run_that_succeeds(loaded) -> None:
+    cp, _ = loaded
+    started = cp.graphql(START_SCHEDULE, {"s": SCHEDULE})["startSchedule"]
+    assert started["__typename"] == "ScheduleStateResult", started
+    try:
+        def ticked_run() -> str | None:
+            ticks = cp.graphql(SCHEDULE_TICKS, {"s": SCHEDULE})["scheduleOrError"]["scheduleState"]["ticks"]
+            return next((t["runIds"][0] for t in ticks if t["runIds"]), None)
+
+        run_id = wait("a schedule tick with a run", ticked_run, 150)
+    finally:
+        cp.graphql(STOP_SCHEDULE, {"id": started["scheduleState"]["id"]})
+    assert wait_terminal(cp, run_id) == "SUCCESS"

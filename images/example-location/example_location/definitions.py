@@ -2,10 +2,12 @@
 
 - ``numbers_job``: several ops in a fan-out/fan-in graph.
 - ``raw_numbers -> squares -> summary``: an asset graph, with ``assets_job`` materializing it.
-- ``every_five_minutes``: a schedule for ``numbers_job``.
+- ``every_five_minutes``: a schedule for ``numbers_job``; ``every_minute`` one for ``assets_job`` (both off until
+  started).
 - ``new_numbers_sensor``: a sensor that keeps a cursor (the last batch it saw) and requests a run per batch.
-- ``sleepy_job`` and ``hungry_job``: for trying termination and the memory limit (a run that waits; a run that
-  allocates until the container's memory limit stops it).
+- ``sleepy_job``, ``hungry_job`` and ``chatty_job``: for trying termination, the memory limit and event
+  throughput (a run that waits; one that allocates until the container's memory limit stops it; one that logs
+  ``count`` events, ``interval`` seconds apart).
 """
 
 import time
@@ -63,6 +65,7 @@ def summary(context: dg.AssetExecutionContext, squares: list[int]) -> dg.Materia
 assets_job = dg.define_asset_job("assets_job", selection=dg.AssetSelection.all())
 
 every_five_minutes = dg.ScheduleDefinition(name="every_five_minutes", job=numbers_job, cron_schedule="*/5 * * * *")
+every_minute = dg.ScheduleDefinition(name="every_minute", job=assets_job, cron_schedule="* * * * *")
 
 
 @dg.sensor(job=numbers_job, minimum_interval_seconds=30)
@@ -87,6 +90,19 @@ def sleepy_job() -> None:
     wait_a_while()
 
 
+@dg.op(config_schema={"count": dg.Field(int, default_value=100), "interval": dg.Field(float, default_value=0.0)})
+def log_events(context: dg.OpExecutionContext) -> None:
+    for i in range(1, context.op_config["count"] + 1):
+        context.log.info(f"event {i}")
+        if context.op_config["interval"]:
+            time.sleep(context.op_config["interval"])
+
+
+@dg.job
+def chatty_job() -> None:
+    log_events()
+
+
 @dg.op
 def allocate_until_stopped(context: dg.OpExecutionContext) -> None:
     chunks = []
@@ -103,7 +119,7 @@ def hungry_job() -> None:
 
 defs = dg.Definitions(
     assets=[raw_numbers, squares, summary],
-    jobs=[numbers_job, assets_job, sleepy_job, hungry_job],
-    schedules=[every_five_minutes],
+    jobs=[numbers_job, assets_job, sleepy_job, hungry_job, chatty_job],
+    schedules=[every_five_minutes, every_minute],
     sensors=[new_numbers_sensor],
 )
