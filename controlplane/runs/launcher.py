@@ -119,6 +119,10 @@ class HybridRunLauncher(RunLauncher, ConfigurableClass):
     def supports_check_run_worker_health(self) -> bool:
         return True
 
+    def _started_at(self, run: DagsterRun) -> float | None:
+        record = self._instance.get_run_record_by_id(run.run_id)
+        return record.start_time if record else None
+
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         """From the agents' heartbeats: which run containers each one has, and how recently it said so.
 
@@ -149,7 +153,7 @@ class HybridRunLauncher(RunLauncher, ConfigurableClass):
                                             f"heartbeat for {silent:.0f} s; the run's worker is presumed lost")
             return CheckRunHealthResult(WorkerStatus.RUNNING, f"agent heartbeat {silent:.0f} s old; waiting")
         if seen is None:
-            started = run.start_time or 0
+            started = self._started_at(run)
             if not started or now - started < LAUNCH_GRACE_SECONDS:
                 return CheckRunHealthResult(WorkerStatus.RUNNING, "launched recently")
             return CheckRunHealthResult(WorkerStatus.NOT_FOUND, f"the appliance serving location {location} has "

@@ -7,6 +7,7 @@ the appliance."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,10 +69,17 @@ def wait(what: str, check, timeout: float):
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPlane, harness.Appliance]]:
+    with control_plane_and_appliance(tmp_path_factory.mktemp("cp")) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def control_plane_and_appliance(workdir: Path, *, quiet: bool = False) -> Iterator[tuple[ControlPlane,
+                                                                                         harness.Appliance]]:
+    """Start both (images built or reused), enroll the appliance, register the example location; remove all."""
     images = harness.images()
     dc = harness.client()
     run = harness.unique_id()
-    workdir = tmp_path_factory.mktemp("cp")
     network = f"airlock-{run}-cp"
     user_network = f"airlock-{run}-user"  # the user's side: a different network; only the host links the two
     dc.networks.create(network, driver="bridge", labels={"airlock.test-run": run})
@@ -103,9 +111,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPla
         appliance.start()
         yield cp, appliance
     finally:
-        print(appliance.logs()[-3000:])
+        if not quiet:
+            print(appliance.logs()[-3000:])
         if cp_container is not None:
-            print(cp_container.logs().decode(errors="replace")[-3000:])
+            if not quiet:
+                print(cp_container.logs().decode(errors="replace")[-3000:])
             cp_container.remove(force=True)
         appliance.remove()
         harness.cleanup(dc, run)
