@@ -2,9 +2,10 @@
 
 Checks, in order, before anything runs: the agent serves the location (its queue is among the agent's labels),
 the run exists and belongs to that location, then per call the allowlist and the run's scope (executor.py).
-Writes are applied once: a ledger row (run id, client id, sequence) is written after each applied write, and a
-write whose key is already there is counted as a duplicate and skipped. Every refusal is audited with its
-reason. Dagster calls block, so resolvers run these on a worker thread.
+Writes are applied once: a ledger row (run id, client id, sequence) is written for each applied write (one
+transaction per forwarded batch), and a write whose key is already there is counted as a duplicate and skipped.
+Consecutive events of a batch are stored through Dagster's batched event write, in the run's order. Every
+refusal is audited with its reason. Dagster calls block, so resolvers run these on a worker thread.
 
 `airlock.run_exited` comes only from the appliance's agent (the relay does not accept it from run workers):
 a run whose container ended before the run did is failed here, with the exit code, the OOM flag and the
@@ -73,26 +74,52 @@ class StorageService:
         except StorageCallRefused as exc:  # the relay logs each and moves on: sending them again cannot help
             return {"accepted": 0, "duplicates": 0, "refused": [{"index": i, "error": str(exc)}
                                                                for i in range(len(writes))]}
+        applied = self._applied_keys(run_id, writes)
         accepted = duplicates = 0
         refused: list[dict[str, Any]] = []
+        done: list[dict[str, Any]] = []
+        events: list[tuple[int, dict]] = []  # consecutive store_event writes, stored as one batch
+
+        def flush_events() -> None:
+            nonlocal accepted
+            if not events:
+                return
+            outcomes = self.executor.store_events(scope, [(call["args"], call["kwargs"]) for _, call in events])
+            for (index, call), error in zip(events, outcomes, strict=True):
+                if error is None:
+                    done.append(call)
+                    accepted += 1
+                else:
+                    self._refused(refused, index, call, error, key_id, agent.id)
+            events.clear()
+
         for index, call in enumerate(writes):
-            key = {"run_id": run_id, "client": call["client"], "seq": call["seq"]}
-            if self._applied(key):
+            if (call["client"], call["seq"]) in applied:
                 duplicates += 1
                 continue
+            if call["method"] == "events.store_event":
+                events.append((index, call))
+                continue
+            flush_events()  # keep the run's order: everything before this write is stored first
             try:
                 if call["method"] == EXIT_METHOD:
                     self._run_exited(scope, json.loads(call["kwargs"]))
                 else:
                     self.executor.execute(scope, call["method"], call["args"], call["kwargs"])
             except (StorageCallRefused, CodecError, ValueError, TypeError) as exc:
-                refused.append({"index": index, "error": str(exc)})
-                self.audit(operation=f"storageWrite {call['method']}", accepted=False, reason=str(exc)[:500],
-                           key_id=key_id, agent_id=agent.id)
+                self._refused(refused, index, call, str(exc), key_id, agent.id)
                 continue
-            self._record(key, call["method"])
+            done.append(call)
             accepted += 1
+        flush_events()
+        self._record(run_id, done)
         return {"accepted": accepted, "duplicates": duplicates, "refused": refused}
+
+    def _refused(self, refused: list[dict[str, Any]], index: int, call: dict, error: str, key_id: str,
+                 agent_id: str) -> None:
+        refused.append({"index": index, "error": error})
+        self.audit(operation=f"storageWrite {call['method']}", accepted=False, reason=error[:500], key_id=key_id,
+                   agent_id=agent_id)
 
     def call(self, agent: Any, key_id: str, run_id: str, location: str, call: dict) -> dict[str, Any]:
         scope = self._admit(agent, key_id, run_id, location, "storageCall")
@@ -139,13 +166,24 @@ class StorageService:
             instance.report_run_failed(run, message=message)
         log.warning("run %s: %s", scope.run_id, what)
 
-    def _applied(self, key: dict[str, Any]) -> bool:
+    def _applied_keys(self, run_id: str, writes: list[dict]) -> set[tuple[str, int]]:
+        """Which of these writes (client, seq) were applied before: a batch sent again after a lost answer."""
+        clients = {call["client"] for call in writes}
+        if not clients:
+            return set()
+        seqs = [call["seq"] for call in writes]
         with self.engine.connect() as conn:
-            found = conn.execute(sa.select(applied_writes.c.seq).where(
-                applied_writes.c.run_id == key["run_id"], applied_writes.c.client == key["client"],
-                applied_writes.c.seq == key["seq"])).first()
-        return found is not None
+            rows = conn.execute(sa.select(applied_writes.c.client, applied_writes.c.seq).where(
+                applied_writes.c.run_id == run_id, applied_writes.c.client.in_(clients),
+                applied_writes.c.seq.between(min(seqs), max(seqs)))).all()
+        return {(row.client, row.seq) for row in rows}
 
-    def _record(self, key: dict[str, Any], method: str) -> None:
+    def _record(self, run_id: str, done: list[dict]) -> None:
+        """One ledger row per applied write, in one transaction."""
+        if not done:
+            return
+        now = time.time()
         with self.engine.begin() as conn:
-            conn.execute(sa.insert(applied_writes).values(**key, method=method, applied_at=time.time()))
+            conn.execute(sa.insert(applied_writes), [
+                {"run_id": run_id, "client": c["client"], "seq": c["seq"], "method": c["method"], "applied_at": now}
+                for c in done])

@@ -225,10 +225,18 @@ def test_writes_are_applied_once_even_when_a_batch_is_sent_again(service, contro
     writes = [{"method": "events.store_event", "client": "c1", "seq": i, "kwargs": encode({}),
                "args": encode([EventLogEntry(error_info=None, level=20, user_message=f"m{i}", run_id=run.run_id,
                                              timestamp=float(i))])} for i in range(1, 4)]
-    assert svc.write(AGENT, "k", run.run_id, "example", writes) == {"accepted": 3, "duplicates": 0, "refused": []}
+    _, other = _run_for(control_plane, "numbers_job")
+    forged = {"method": "events.store_event", "client": "c1", "seq": 9, "kwargs": encode({}),
+              "args": encode([EventLogEntry(error_info=None, level=20, user_message="forged", run_id=other.run_id,
+                                            timestamp=9.0)])}
+    batch = [writes[0], forged, *writes[1:]]
+    out = svc.write(AGENT, "k", run.run_id, "example", batch)
+    assert (out["accepted"], out["duplicates"]) == (3, 0)
+    assert [r["index"] for r in out["refused"]] == [1] and "is not this token's run" in out["refused"][0]["error"]
     assert svc.write(AGENT, "k", run.run_id, "example", writes) == {"accepted": 0, "duplicates": 3, "refused": []}
     messages = [e.user_message for e in control_plane.all_logs(run.run_id)]
     assert messages == ["m1", "m2", "m3"]
+    assert control_plane.all_logs(other.run_id) == []
 
 
 def test_writes_for_a_location_the_agent_does_not_serve_or_an_unknown_run_are_refused_and_audited(
