@@ -38,8 +38,6 @@ class StorageExecutor:
         Returns one entry per call: None when stored, else why it was refused. Dagster's handle_new_event
         does the batching (and falls back to one by one if the batch insert fails).
         """
-        from dagster._core.events import DagsterEventBatchMetadata
-
         target, outcomes, events = self._store_event, [], []
         for args_text, kwargs_text in calls:
             try:
@@ -51,11 +49,35 @@ class StorageExecutor:
                 outcomes.append(None)
             except (StorageCallRefused, CodecError, KeyError) as exc:
                 outcomes.append(f"events.store_event: {exc}")
+        self._store_in_order(events)
+        return outcomes
+
+    def _store_in_order(self, events: list[Any]) -> None:
+        """Plain log lines in one SQLite transaction each run of them; anything with side effects (run status,
+        asset and check events) through handle_new_event, in between, so the run's order is kept."""
+        from dagster._core.events import DagsterEventBatchMetadata
+        from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+        storage = self.instance.event_log_storage
+        bulk = isinstance(storage, SqliteEventLogStorage)  # its store_event_batch is a loop of transactions
+        plain: list[Any] = []
+
+        def flush_plain() -> None:
+            if plain:
+                with storage.run_connection(plain[0].run_id) as conn:
+                    for event in plain:
+                        conn.execute(storage.prepare_insert_event(event))
+                plain.clear()
+
         batch_id = uuid.uuid4().hex
         for position, event in enumerate(events):
-            metadata = DagsterEventBatchMetadata(batch_id, is_end=position == len(events) - 1)
+            if bulk and _plain(event):
+                plain.append(event)
+                continue
+            flush_plain()
+            metadata = None if bulk else DagsterEventBatchMetadata(batch_id, is_end=position == len(events) - 1)
             self.instance.handle_new_event(event, batch_metadata=metadata)
-        return outcomes
+        flush_plain()
 
     def execute(self, scope: Scope, method: str, args_text: str, kwargs_text: str) -> str:
         """Run the call and return the encoded answer; StorageCallRefused says why it was not run."""
@@ -116,3 +138,14 @@ class StorageExecutor:
             marker = manager.complete_artifact_path(log_key)
             with open(marker, "w"):
                 pass
+
+
+def _plain(event: Any) -> bool:
+    """A log line or step event that only needs its row: no run status, asset or check bookkeeping."""
+    if not event.is_dagster_event:
+        return True
+    from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, EVENT_TYPE_TO_PIPELINE_RUN_STATUS
+
+    kind = event.dagster_event_type
+    special = kind in ASSET_EVENTS or kind in ASSET_CHECK_EVENTS or kind in EVENT_TYPE_TO_PIPELINE_RUN_STATUS
+    return not special and not event.get_dagster_event().is_job_event
