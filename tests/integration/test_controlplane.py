@@ -28,7 +28,7 @@ def test_webserver_shows_the_location_loaded_with_its_definitions(stack) -> None
     repo = entry["locationOrLoadError"]["repositories"][0]
     assert {"numbers_job", "assets_job"} <= {j["name"] for j in repo["jobs"]}
     assert {tuple(a["assetKey"]["path"]) for a in repo["assetNodes"]} == {("raw_numbers",), ("squares",), ("summary",)}
-    assert [s["name"] for s in repo["schedules"]] == ["every_five_minutes"]
+    assert sorted(s["name"] for s in repo["schedules"]) == ["every_five_minutes", "every_minute"]
     assert [s["name"] for s in repo["sensors"]] == ["new_numbers_sensor"]
 
 
