@@ -92,13 +92,11 @@ def _build(name: str, storage: str, base: type) -> type:
             static = inspect.getattr_static(base, attr, None)
             namespace[attr] = property(lambda _self, v=value: v) if isinstance(static, property) else (
                 lambda _self, *_a, v=value, **_k: v)
-        elif attr in _NOOPS:
-            namespace[attr] = _noop
         else:
             namespace[attr] = _forwarder(storage, attr)
-    for attr in _NOOPS:
+    for attr in _NOOPS:  # abstract or not, nothing to do on this side
         if hasattr(base, attr):
-            namespace[attr] = lambda _self, *_a, **_k: None
+            namespace[attr] = _noop
     return type(name, (_RelayStorage, base), namespace)
 
 
