@@ -1,20 +1,29 @@
 """The run worker's connection to the appliance's metadata relay.
 
-One method, `call`: encode, post, decode. A spooled write (an event, a run-state change) is acknowledged
-once the relay has it on disk; any other call waits for the control plane's answer, which the relay gives
-only after this run's earlier writes are forwarded (read-your-writes). The relay's "spool full" answer
-(503) is backpressure: the worker waits and retries, it never drops the write. Each call carries a client
-id and sequence number so a write retried after a lost acknowledgement is stored once.
+`call` encodes, posts, decodes. A spooled write (an event, a run-state change) is acknowledged once the
+relay has it on disk; any other call waits for the control plane's answer, which the relay gives only after
+this run's earlier writes are forwarded (read-your-writes). The relay's "spool full" answer (503) is
+backpressure: the worker waits and retries, it never drops the write. Each write carries a client id and
+sequence number so a write retried after a lost acknowledgement is stored once.
+
+`write(..., lazy=True)` is write-behind for the bulk of a run's stream (log lines, plain step events): the
+write waits in this process for at most `linger` seconds or `max_batch` writes, then goes with the others
+in one request and one fsync. Order is kept: any other write or call sends what waits first, and so do
+`flush()` (the storages call it when the instance is disposed) and the process's exit. What a container
+killed outright (SIGKILL, OOM) had waiting — its last `linger` seconds of log lines — is lost with it, as
+its unflushed stdout is.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,22 +42,104 @@ class RelayUnavailable(RuntimeError):
 
 
 class RelayClient:
-    def __init__(self, send: Send, *, retry_seconds: float = 600.0) -> None:
+    def __init__(self, send: Send, *, retry_seconds: float = 600.0, linger: float = 0.05,
+                 max_batch: int = 1000) -> None:
         self.send, self.retry_seconds = send, retry_seconds
+        self.linger, self.max_batch = linger, max_batch
         self.client_id = uuid.uuid4().hex
         self._seq = itertools.count(1)
-        self._lock = threading.Lock()
+        self._waiting: list[dict[str, Any]] = []  # lazy writes not sent yet, in sequence order
+        self._state = threading.Condition()  # guards _seq and _waiting; wakes the flusher
+        self._sending = threading.Lock()  # one request at a time, so the relay sees this client's order
+        self._flusher: threading.Thread | None = None
+        self._at_exit = False
+        self._failed: Exception | None = None
+        reset = weakref.WeakMethod(self._forked)
+        os.register_at_fork(after_in_child=lambda: (method := reset()) and method())
+
+    def _forked(self) -> None:
+        """A forked child is a new writer: its own client id and sequence (the parent's are still in use),
+        fresh locks (the parent's flusher may have held one), and none of the parent's waiting writes."""
+        self.client_id = uuid.uuid4().hex
+        self._seq = itertools.count(1)
+        self._waiting = []
+        self._state, self._sending = threading.Condition(), threading.Lock()
+        self._flusher, self._failed = None, None
 
     def call(self, method: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Send what waits, then this; a `call` returns the control plane's answer, a `write` None."""
         mode = call_mode(method)  # refuses a method that is not on the allowlist before anything is sent
-        with self._lock:
-            seq = next(self._seq)
-        body = {"method": method, "args": encode(list(args)), "kwargs": encode(kwargs), "client": self.client_id,
-                "seq": seq}
-        answer = self._send_with_retry(f"/v1/{mode}", body)
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise RelayUnavailable(f"earlier writes of this run could not be sent: {failed}") from failed
+        body = {"method": method, "args": encode(list(args)), "kwargs": encode(kwargs), "client": self.client_id}
+        with self._sending:
+            if mode == "write":
+                self._send_writes(self._take(body))
+                return None
+            self._send_writes(self._take())
+            with self._state:
+                body["seq"] = next(self._seq)
+            answer = self._send_with_retry("/v1/call", body)
         if "error" in answer:
             raise StorageCallRefused(f"{method}: {answer['error']}")
-        return decode(answer["result"]) if mode == "call" else None
+        return decode(answer["result"])
+
+    def write(self, method: str, args: tuple, kwargs: dict[str, Any], *, lazy: bool = False) -> None:
+        """A spooled write; `lazy` lets it wait (at most `linger` s) to go with others in one request."""
+        if not lazy:
+            self.call(method, args, kwargs)
+            return
+        if call_mode(method) != "write":
+            raise StorageCallRefused(f"{method} needs an answer; it cannot wait in the write-behind buffer")
+        body = {"method": method, "args": encode(list(args)), "kwargs": encode(kwargs), "client": self.client_id}
+        with self._state:
+            body["seq"] = next(self._seq)
+            self._waiting.append(body)
+            full = len(self._waiting) >= self.max_batch
+            if not full:
+                self._start_flusher()
+                self._state.notify()
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send every write that waits; returns once the relay has them on disk."""
+        with self._sending:
+            self._send_writes(self._take())
+
+    def _take(self, then: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """What waits (and `then`, numbered after it), removed from the buffer. Call with _sending held."""
+        with self._state:
+            batch, self._waiting = self._waiting, []
+            if then is not None:
+                then["seq"] = next(self._seq)
+                batch.append(then)
+        return batch
+
+    def _send_writes(self, batch: list[dict[str, Any]]) -> None:
+        for start in range(0, len(batch), self.max_batch):
+            answer = self._send_with_retry("/v1/write", {"writes": batch[start:start + self.max_batch]})
+            if "error" in answer:
+                raise StorageCallRefused(f"{batch[start]['method']}: {answer['error']}")
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None or not self._flusher.is_alive():  # a forked child does not inherit it
+            self._flusher = threading.Thread(target=self._flush_lingering, name="airlock-relay-flush", daemon=True)
+            self._flusher.start()
+            if not self._at_exit:
+                atexit.register(self.flush)
+                self._at_exit = True
+
+    def _flush_lingering(self) -> None:
+        while True:
+            with self._state:
+                self._state.wait_for(lambda: bool(self._waiting))
+            time.sleep(self.linger)  # let more writes join; a full buffer is sent by its own writer
+            try:
+                self.flush()
+            except Exception as exc:  # the next call raises it: a lazy write has no caller to tell
+                self._failed = exc
 
     def _send_with_retry(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         deadline, delay = time.monotonic() + self.retry_seconds, 0.05

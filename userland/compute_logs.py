@@ -1,8 +1,9 @@
 """Compute logs (a step's raw stdout/stderr) captured in the run container and uploaded through the relay.
 
 Capture is Dagster's own LocalComputeLogManager on the container's scratch tmpfs; when a capture ends, both
-files go up as one spooled write each, capped at `max_bytes` (the rest is cut and the cut is marked), so
-the control plane's UI serves them from its own compute log manager.
+files go up in chunks of `CHUNK_BYTES` (each a spooled write that lands at its offset, so a replayed chunk
+changes nothing), capped at `max_bytes` (the rest is cut and the cut is marked), so the control plane's UI
+serves them from its own compute log manager. Chunks keep every request to the control plane small.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from userland.client import RelayClient, client_from_env
 __all__ = ["RelayComputeLogManager"]
 
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+CHUNK_BYTES = 256 * 1024
 
 
 class RelayComputeLogManager(LocalComputeLogManager):
@@ -62,7 +64,22 @@ class RelayComputeLogManager(LocalComputeLogManager):
             return
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            data = f.read(self.max_bytes)
-        text = data.decode("utf-8", errors="replace")
-        self.client.call("compute_logs.upload", (list(log_key), io_type.value, text),
-                         {"complete": True, "truncated": size > self.max_bytes})
+            data = f.read(self.max_bytes).decode("utf-8", errors="replace").encode()  # offsets in valid UTF-8
+        for offset, chunk in _chunks(data, CHUNK_BYTES):
+            last = offset + len(chunk) >= len(data)
+            self.client.call("compute_logs.upload", (list(log_key), io_type.value, chunk.decode()),
+                             {"offset": offset, "complete": last, "truncated": last and size > self.max_bytes})
+
+
+def _chunks(data: bytes, limit: int) -> list[tuple[int, bytes]]:
+    """(offset, piece) pieces of at most `limit` bytes, cut only between UTF-8 characters; one empty piece
+    for empty data, so the upload still marks the log complete."""
+    pieces, offset = [], 0
+    while True:
+        end = min(offset + limit, len(data))
+        while offset < end < len(data) and data[end] & 0xC0 == 0x80:  # not inside a character
+            end -= 1
+        pieces.append((offset, data[offset:end]))
+        if end >= len(data):
+            return pieces
+        offset = end

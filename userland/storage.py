@@ -40,7 +40,7 @@ _LOCAL: dict[str, Mapping[str, Any]] = {
 _REMOTE: dict[str, tuple[str, ...]] = {"runs": (), "events": ("get_pool_config",), "schedules": ()}
 
 # Lifecycle hooks a storage gets from the instance: nothing to do on this side.
-_NOOPS = ("dispose", "optimize_for_webserver", "upgrade", "migrate", "optimize", "end_watch", "alembic_version")
+_NOOPS = ("optimize_for_webserver", "upgrade", "migrate", "optimize", "end_watch", "alembic_version")
 
 
 def _forwarder(storage: str, name: str) -> Callable[..., Any]:
@@ -54,6 +54,19 @@ def _forwarder(storage: str, name: str) -> Callable[..., Any]:
 
 def _noop(*_args: Any, **_kwargs: Any) -> None:
     return None
+
+
+def _store_event(self: _RelayStorage, event: Any) -> None:
+    """Write-behind for the bulk of a run's events; a run status change (and all before it) goes at once."""
+    from dagster._core.events import EVENT_TYPE_TO_PIPELINE_RUN_STATUS
+
+    status_change = event.is_dagster_event and event.dagster_event_type in EVENT_TYPE_TO_PIPELINE_RUN_STATUS
+    self._client.write("events.store_event", (event,), {}, lazy=not status_change)
+
+
+def _dispose(self: _RelayStorage) -> None:
+    """The instance is done: what waits in the write-behind buffer goes now."""
+    self._client.flush()
 
 
 class _RelayStorage(ConfigurableClass):
@@ -97,6 +110,9 @@ def _build(name: str, storage: str, base: type) -> type:
     for attr in _NOOPS:  # abstract or not, nothing to do on this side
         if hasattr(base, attr):
             namespace[attr] = _noop
+    namespace["dispose"] = _dispose
+    if storage == "events":
+        namespace["store_event"] = _store_event
     return type(name, (_RelayStorage, base), namespace)
 
 

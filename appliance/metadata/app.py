@@ -2,7 +2,8 @@
 
 Run workers (TCP, on every location network), each request with `Authorization: Bearer <run token>`:
 
-    POST /v1/write   a spooled write; 200 once it is on disk, 503 when the spool is full (retry later)
+    POST /v1/write   spooled writes ({"writes": [...]}, or one record): 200 once all are on disk (one fsync),
+                     503 when the spool is full (retry later); a batch with one bad record is refused whole
     POST /v1/call    a call that needs its answer; forwarded after this run's earlier writes
 
 The agent (a Unix socket in the appliance, never on a network):
@@ -33,6 +34,7 @@ __all__ = ["RelayState", "StorageCalls", "control_app", "worker_app"]
 
 log = logging.getLogger("airlock.metadata")
 MAX_BODY = 64 * 1024 * 1024  # a step's compute log (50 MB by default) plus its encoding
+MAX_WRITES = 10_000  # records in one write request (userland sends at most 1,000)
 EXIT_METHOD = "airlock.run_exited"  # only the agent's control socket can spool this one
 
 
@@ -78,6 +80,22 @@ def _record(data: dict[str, Any], mode: str) -> dict[str, Any]:
     return {k: data[k] for k in ("method", "args", "kwargs", "client", "seq")}
 
 
+def _writes(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of a write request: a batch {"writes": [...]} or one record."""
+    if "writes" not in data:
+        return [_record(data, "write")]
+    batch = data["writes"]
+    if not isinstance(batch, list) or not batch or len(batch) > MAX_WRITES:
+        raise ValueError(f"writes must be a list of 1 to {MAX_WRITES} records")
+    records = []
+    for index, item in enumerate(batch):
+        try:
+            records.append(_record(item if isinstance(item, dict) else {}, "write"))
+        except ValueError as exc:
+            raise ValueError(f"writes[{index}]: {exc}") from None
+    return records
+
+
 def worker_app(state: RelayState) -> Starlette:
     def scope_of(request: Request) -> RunScope:
         header = request.headers.get("authorization", "")
@@ -92,13 +110,17 @@ def worker_app(state: RelayState) -> Starlette:
             log.warning("refused %s from %s: %s", request.url.path, request.client.host if request.client else "?", exc)
             return _error(401, str(exc))
         try:
-            record = _record(await _body(request), mode)
+            data = await _body(request)
+            if mode == "write":
+                writes = _writes(data)
+            else:
+                record = _record(data, mode)
         except ValueError as exc:
             log.warning("refused a %s of run %s: %s", mode, scope.run_id, exc)
             return _error(400, str(exc))
         if mode == "write":
             try:
-                await asyncio.to_thread(state.spool.append, scope.run_id, scope.location, record)
+                await asyncio.to_thread(state.spool.append_many, scope.run_id, scope.location, writes)
             except SpoolFull as exc:
                 return _error(503, str(exc))
             return JSONResponse({"ok": True})

@@ -25,8 +25,11 @@ WriteBatch = Callable[[SpooledBatch], dict[str, Any]]  # -> {"accepted", "duplic
 
 
 class Forwarder:
-    def __init__(self, spool: Spool, send: WriteBatch, *, max_records: int = 256) -> None:
-        self.spool, self.send, self.max_records = spool, send, max_records
+    def __init__(self, spool: Spool, send: WriteBatch, *, max_records: int = 2000,
+                 max_bytes: int = 2 * 1024 * 1024) -> None:
+        # max_bytes keeps a request well under the gateway's limit for agents (8 MB): a spooled record is
+        # at most a compute log chunk (256 kB of text) with its escaping
+        self.spool, self.send, self.max_records, self.max_bytes = spool, send, max_records, max_bytes
         self.forwarded = 0
 
     def run(self, stop: threading.Event) -> None:
@@ -48,7 +51,7 @@ class Forwarder:
                 delay = min(delay * 2, 10.0)
 
     def forward_one(self, run_id: str) -> int:
-        batch = self.spool.read_batch(run_id, max_records=self.max_records)
+        batch = self.spool.read_batch(run_id, max_records=self.max_records, max_bytes=self.max_bytes)
         if not batch.records:
             return 0
         answer = self.send(batch)

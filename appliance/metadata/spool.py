@@ -68,19 +68,23 @@ class Spool:
     # -- writers ---------------------------------------------------------------------------------------
     def append(self, run_id: str, location: str, record: dict[str, Any]) -> int:
         """Durably add one record; returns its index in the run's log. Raises SpoolFull past the bound."""
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        return self.append_many(run_id, location, [record])
+
+    def append_many(self, run_id: str, location: str, records: list[dict[str, Any]]) -> int:
+        """Durably add records in order, all or none, with one fsync; returns the first one's index."""
+        data = b"".join((json.dumps(r, separators=(",", ":")) + "\n").encode() for r in records)
         with self._lock:
-            if self.pending_bytes() + len(line) > self.max_bytes:
+            if self.pending_bytes() + len(data) > self.max_bytes:
                 raise SpoolFull(f"spool holds {self.pending_bytes()} unforwarded bytes (limit {self.max_bytes})")
             run = self._runs.get(run_id) or self._create(run_id, location)
         with run.lock:
             with open(run.path / "log", "ab") as f:
-                f.write(line)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             index = run.count
-            run.count += 1
-            run.size += len(line)
+            run.count += len(records)
+            run.size += len(data)
         with self.changed:
             self.changed.notify_all()
         return index

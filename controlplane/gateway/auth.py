@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,9 @@ from controlplane.gateway.store import AgentRecord, AgentStore
 from protocol.errors import SignatureError
 from protocol.signing import ENROLL_KEY_HEADER, NonceCache, RequestVerifier, key_id_of, load_public_key
 
-DEFAULT_MAX_BODY = 1024 * 1024
+DEFAULT_MAX_BODY = 1024 * 1024  # anyone's request
+AGENT_MAX_BODY = 8 * 1024 * 1024  # a request naming an enrolled, unrevoked agent's key: spooled run metadata
+_KEY_ID = re.compile(r'keyid="([^"]{1,200})"')
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,10 @@ class SignedRequestMiddleware:
     """Pure ASGI middleware in front of POST /graphql."""
 
     def __init__(self, app: ASGIApp, store: AgentStore, nonces: NonceCache, *, path: str = "/graphql",
-                 max_body: int = DEFAULT_MAX_BODY, max_skew_seconds: int = 300) -> None:
+                 max_body: int = DEFAULT_MAX_BODY, agent_max_body: int = AGENT_MAX_BODY,
+                 max_skew_seconds: int = 300) -> None:
         self.app, self.store, self.path, self.max_body = app, store, path, max_body
+        self.agent_max_body = agent_max_body
         self.nonces, self.max_skew = nonces, max_skew_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,19 +102,27 @@ class SignedRequestMiddleware:
         if scope["method"] != "POST":
             raise Refused(405, "method", "the agent API takes POST only")
         headers = dict(scope["headers"])
+        limit = self._body_limit(headers)
         declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-            raise Refused(413, "too-large", f"body larger than {self.max_body} bytes")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise Refused(413, "too-large", f"body larger than {limit} bytes")
         chunks, size = [], 0
         while True:
             message = await receive()
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
-                raise Refused(413, "too-large", f"body larger than {self.max_body} bytes")
+            if size > limit:
+                raise Refused(413, "too-large", f"body larger than {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks)
+
+    def _body_limit(self, headers: dict[bytes, bytes]) -> int:
+        """The larger limit only for a request that names an enrolled agent's key (the signature is checked
+        after the body is read); anyone else gets the small one."""
+        found = _KEY_ID.search(headers.get(b"signature-input", b"").decode("latin-1"))
+        agent = self.store.by_key(found.group(1)) if found else None
+        return self.agent_max_body if agent is not None and agent.status == "active" else self.max_body
 
     def _authenticate(self, scope: Scope, body: bytes) -> Caller:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]

@@ -56,6 +56,7 @@ class StorageExecutor:
         """Plain log lines in one SQLite transaction each run of them; anything with side effects (run status,
         asset and check events) through handle_new_event, in between, so the run's order is kept."""
         from dagster._core.events import DagsterEventBatchMetadata
+        from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
         from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
         storage = self.instance.event_log_storage
@@ -64,9 +65,8 @@ class StorageExecutor:
 
         def flush_plain() -> None:
             if plain:
-                with storage.run_connection(plain[0].run_id) as conn:
-                    for event in plain:
-                        conn.execute(storage.prepare_insert_event(event))
+                with storage.run_connection(plain[0].run_id) as conn:  # one executemany, one commit
+                    conn.execute(SqlEventLogStorageTable.insert(), [storage._event_to_row(e) for e in plain])
                 plain.clear()
 
         batch_id = uuid.uuid4().hex
@@ -115,9 +115,10 @@ class StorageExecutor:
         for event in events:
             self.instance.handle_new_event(event)
 
-    def _upload_compute_log(self, log_key: list[str], io_type: str, text: str, complete: bool = True,
-                            truncated: bool = False) -> None:
-        """Write a step's stdout/stderr where the instance's LocalComputeLogManager serves it from."""
+    def _upload_compute_log(self, log_key: list[str], io_type: str, text: str, offset: int = 0,
+                            complete: bool = True, truncated: bool = False) -> None:
+        """Write a chunk of a step's stdout/stderr at its offset, where the instance's LocalComputeLogManager
+        serves it from. Offsets make a replayed chunk harmless; nothing lands past the size limit."""
         from dagster._core.storage.compute_log_manager import ComputeIOType
         from dagster._core.storage.local_compute_log_manager import IO_TYPE_EXTENSION, LocalComputeLogManager
 
@@ -126,13 +127,18 @@ class StorageExecutor:
             raise StorageCallRefused("this control plane's compute log manager does not accept uploads")
         if any(part in ("", ".", "..") or "/" in part for part in log_key):
             raise StorageCallRefused(f"bad compute log key {log_key}")
+        if not isinstance(offset, int) or not 0 <= offset <= self.compute_log_limit:
+            raise StorageCallRefused(f"compute log offset {offset!r} is outside 0..{self.compute_log_limit}")
         extension = IO_TYPE_EXTENSION[ComputeIOType(io_type)]
         path = manager.get_captured_local_path(log_key, extension)
-        data = text.encode()[: self.compute_log_limit]
-        if truncated or len(text.encode()) > self.compute_log_limit:
+        data = text.encode()
+        cut = truncated or offset + len(data) > self.compute_log_limit
+        data = data[: self.compute_log_limit - offset]
+        if cut:
             data += TRUNCATED_MARK.format(limit=self.compute_log_limit).encode()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
+        with open(path, "r+b" if os.path.exists(path) else "wb") as f:  # never cut: a replay rewrites its bytes
+            f.seek(offset)
             f.write(data)
         if complete:
             marker = manager.complete_artifact_path(log_key)

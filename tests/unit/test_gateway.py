@@ -170,11 +170,18 @@ def test_replayed_request_is_refused_once_the_original_was_accepted(gw: Gateway)
 
 
 def test_oversized_body_is_refused_before_anything_else(gw: Gateway) -> None:
-    enrolled = gw.agent()
-    big = body_of("query { agent { id } }", {"pad": "x" * (2 * 1024 * 1024)})
-    response = gw.http.post("/graphql", content=big, headers=signed(enrolled.key, big))
-    assert response.status_code == 413
+    """1 MB for anyone; an enrolled agent's key (run metadata batches) may send up to 8 MB, not more."""
+    enrolled, stranger = gw.agent(), SigningKey.generate()
+    two_mb = body_of("query { agent { id } }", {"pad": "x" * (2 * 1024 * 1024)})
+    response = gw.http.post("/graphql", content=two_mb, headers=signed(stranger, two_mb))
+    assert response.status_code == 413 and "1048576 bytes" in response.json()["errors"][0]["message"]
     assert response.json()["errors"][0]["extensions"]["code"] == "too-large"
+    assert gw.http.post("/graphql", content=two_mb, headers=signed(enrolled.key, two_mb)).status_code == 200
+    nine_mb = body_of("query { agent { id } }", {"pad": "x" * (9 * 1024 * 1024)})
+    response = gw.http.post("/graphql", content=nine_mb, headers=signed(enrolled.key, nine_mb))
+    assert response.status_code == 413 and "8388608 bytes" in response.json()["errors"][0]["message"]
+    gw.store.revoke(gw.store.by_key(enrolled.key.key_id).id)
+    assert gw.http.post("/graphql", content=two_mb, headers=signed(enrolled.key, two_mb)).status_code == 413
 
 
 def test_enrollment_token_used_or_expired_is_refused(gw: Gateway) -> None:

@@ -182,6 +182,27 @@ def test_worker_api_refuses_malformed_or_disallowed_calls_and_spools_nothing(rel
     assert state.spool.pending_runs() == [] and state.upstream.calls == []
 
 
+def test_a_batch_of_writes_is_spooled_whole_with_one_fsync_or_refused_whole(relay, monkeypatch) -> None:
+    import appliance.metadata.spool as spool_module
+
+    state, worker, _ = relay
+    headers = {"Authorization": f"Bearer {state.tokens.mint(RunScope(RUN, 'example'))}"}
+    bad = worker.post("/v1/write", json={"writes": [_body(1), _body(2, method="runs.wipe"), _body(3)]},
+                      headers=headers)
+    assert bad.status_code == 400 and "writes[1]" in bad.json()["error"] and "allowlist" in bad.json()["error"]
+    for empty in ({"writes": []}, {"writes": "x"}):
+        assert worker.post("/v1/write", json=empty, headers=headers).status_code == 400
+    assert state.spool.pending_runs() == []
+    fsyncs: list[int] = []
+    real_fsync = spool_module.os.fsync
+    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    state.spool.append(RUN, "example", _body(0))  # the run's directory exists: only the log's fsync counts
+    fsyncs.clear()
+    ok = worker.post("/v1/write", json={"writes": [_body(i) for i in range(1, 501)]}, headers=headers)
+    assert ok.status_code == 200 and len(fsyncs) == 1
+    assert [r["seq"] for r in state.spool.read_batch(RUN, max_records=1000).records] == list(range(0, 501))
+
+
 def test_a_call_is_answered_only_after_the_runs_writes_are_forwarded(relay) -> None:
     state, worker, _ = relay
     headers = {"Authorization": f"Bearer {state.tokens.mint(RunScope(RUN, 'example'))}"}

@@ -99,9 +99,11 @@ class Loopback:
         self.executor, self.scope, self.methods = executor, scope, []
 
     def __call__(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        assert CALLS[body["method"]] == path.rsplit("/", 1)[-1]
-        self.methods.append(body["method"])
-        result = self.executor.execute(self.scope, body["method"], body["args"], body["kwargs"])
+        result = None
+        for call in body.get("writes") or [body]:
+            assert CALLS[call["method"]] == path.rsplit("/", 1)[-1]
+            self.methods.append(call["method"])
+            result = self.executor.execute(self.scope, call["method"], call["args"], call["kwargs"])
         return {"result": result}
 
 
@@ -201,6 +203,35 @@ def test_compute_log_keys_stay_under_the_run(control_plane: DagsterInstance) -> 
     path = control_plane.compute_log_manager.get_captured_local_path([run.run_id, "compute_logs", "s"], "out")
     text = Path(path).read_text()
     assert text.startswith("x" * 1000) and "truncated at 1000 bytes" in text and len(text) < 1100
+
+
+def test_a_compute_log_goes_up_in_chunks_that_land_at_their_offsets(control_plane: DagsterInstance,
+                                                                      tmp_path: Path) -> None:
+    from dagster._core.storage.compute_log_manager import ComputeIOType
+
+    from userland.compute_logs import CHUNK_BYTES, RelayComputeLogManager
+
+    _, run = _run_for(control_plane, "numbers_job")
+    send = Loopback(StorageExecutor(control_plane), Scope(run.run_id, "example"))
+    uploads: list[dict[str, Any]] = []
+
+    def recording(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        uploads.extend(body.get("writes") or [body])
+        return send(path, body)
+
+    manager = RelayComputeLogManager(base_dir=str(tmp_path / "worker-logs"), client=RelayClient(recording))
+    key = [run.run_id, "compute_logs", "step"]
+    local = Path(manager.get_captured_local_path(key, "err"))
+    local.parent.mkdir(parents=True)
+    text = "".join(f"line {n}: héllo ✓\n" for n in range(40_000))  # ~800 kB, multi-byte characters
+    local.write_text(text)
+    manager.upload(key, ComputeIOType.STDERR)
+    served = Path(control_plane.compute_log_manager.get_captured_local_path(key, "err"))
+    assert served.read_text() == text and len(uploads) == -(-len(text.encode()) // CHUNK_BYTES) > 1
+    assert all(len(decode(u["args"])[2].encode()) <= CHUNK_BYTES for u in uploads)
+    assert Path(control_plane.compute_log_manager.complete_artifact_path(key)).exists()
+    send("/v1/write", {"writes": [uploads[0]]})  # the first chunk replayed after the rest: nothing changes
+    assert served.read_text() == text
 
 
 # -- ingestion: once, in scope, audited; the agent's exit report -----------------------------------------------
