@@ -1,35 +1,51 @@
 #!/usr/bin/env python3
-"""The quickstart: the appliance in standalone mode with the example code location, on this host.
+"""The quickstart: a control plane and one appliance on this host (compose/quickstart.yml), the example code
+location served from the appliance, and a real run of the example job, launched through the Dagster UI's API.
 
-    python scripts/quickstart.py up      # (re)start, wait for LOADED, answer a Dagster gRPC Ping
+    python scripts/quickstart.py up      # (re)start, enroll, wait for the location, run the example job
     python scripts/quickstart.py down [--keep-data]
 
-Running `up` again with nothing changed reuses the running appliance. The appliance is started the
-way docs/ describe for a VM: the Docker socket (root-equivalent: only sockguard's user may open it),
-a state volume, a read-only root, no-new-privileges and only the capabilities supervisord needs.
+`up` again with nothing changed keeps both containers (compose leaves them alone), re-uses the enrollment and
+runs the job once more. `down` removes the containers, the networks and (unless --keep-data) both state
+volumes, and what the appliance started (code servers, run containers, their networks).
+
+The appliance is started the way docs/ describe for a VM: the Docker socket (root-equivalent: only
+sockguard's user may open it), a state volume, a read-only root, no-new-privileges and only the capabilities
+supervisord needs. `appliance_run_kwargs` is the same as a `docker run` line (the tests start it this way).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
+import io
 import json
 import os
-import sys
+import subprocess
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-# Tests run a quickstart of their own next to a user's by setting AIRLOCK_QUICKSTART_ID.
+COMPOSE_FILE = ROOT / "compose" / "quickstart.yml"
+# Tests run a quickstart of their own next to a user's by setting AIRLOCK_QUICKSTART_ID (and AIRLOCK_UI_PORT).
 APPLIANCE_ID = os.environ.get("AIRLOCK_QUICKSTART_ID", "quickstart")
 NAME = f"airlock-{APPLIANCE_ID}"
+UI_PORT = int(os.environ.get("AIRLOCK_UI_PORT", "3000"))
 SOCKET = "/var/run/docker.sock"
 APPLIANCE_CAPS = ["CHOWN", "FOWNER", "SETUID", "SETGID", "KILL"]
+EXAMPLE_JOB = "assets_job"
+
+LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+RUN = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status startTime endTime } } }"""
+LOCATION = """{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus locationOrLoadError {
+  __typename ... on RepositoryLocation { repositories { jobs { name } } } ... on PythonError { message } } } } } }"""
 
 
 def appliance_run_kwargs(image: str, *, name: str, appliance_id: str, locations_file: Path,
@@ -57,67 +73,143 @@ def appliance_run_kwargs(image: str, *, name: str, appliance_id: str, locations_
     }
 
 
-def exec_cli(container: Any, *args: str) -> tuple[int, str]:
-    result = container.exec_run(["airlock", *args])
-    return result.exit_code, result.output.decode(errors="replace")
+def say(message: str) -> None:
+    print(f"[quickstart] {message}", flush=True)
+
+
+class Stack:
+    """compose/quickstart.yml under this quickstart's id, and the two containers in it."""
+
+    def __init__(self) -> None:
+        self.workdir = ROOT / ".airlock" / APPLIANCE_ID
+        self.docker = docker.from_env(timeout=300)
+        self.ui = f"http://127.0.0.1:{UI_PORT}"
+
+    def compose(self, *args: str, env: dict[str, str] | None = None) -> None:
+        environment = {**os.environ, "AIRLOCK_QUICKSTART_ID": APPLIANCE_ID, "AIRLOCK_NAME": NAME,
+                       "AIRLOCK_UI_PORT": str(UI_PORT), "AIRLOCK_WORKDIR": str(self.workdir),
+                       "AIRLOCK_CONTROLPLANE_IMAGE": "unused", "AIRLOCK_APPLIANCE_IMAGE": "unused", **(env or {})}
+        subprocess.run(["docker-compose", "-p", NAME, "-f", str(COMPOSE_FILE), *args], env=environment, check=True)
+
+    def container(self, name: str) -> Any:
+        return self.docker.containers.get(name)
+
+    def cp_cli(self, *args: str) -> str:
+        result = self.container(f"{NAME}-controlplane").exec_run(["airlock-cp", *args], demux=True)
+        out, err = (part.decode(errors="replace") if part else "" for part in result.output)
+        if result.exit_code != 0:
+            raise SystemExit(f"[quickstart] airlock-cp {' '.join(args)} failed: {err or out}")
+        return out
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        response = httpx.post(f"{self.ui}/graphql", json={"query": query, "variables": variables or {}}, timeout=60)
+        body = response.json()
+        if "errors" in body:
+            raise RuntimeError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
+
+def wait(what: str, check: Any, timeout: float) -> Any:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (httpx.HTTPError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+            last = exc
+        time.sleep(1)
+    raise SystemExit(f"[quickstart] {what}: not reached within {timeout:.0f} s (last: {last})")
 
 
 def up() -> int:
     started = time.monotonic()
     tags = json.loads((ROOT / ".cache/images.json").read_text())
-    workdir = ROOT / ".airlock" / APPLIANCE_ID
-    workdir.mkdir(parents=True, exist_ok=True)
-    locations = workdir / "locations.yaml"
-    locations.write_text(
-        "version: 1\nlocations:\n"
-        f"  - name: example\n    image: {tags['example-location']}\n    module: example_location.definitions\n"
-    )
-    locations.chmod(0o644)
-    client = docker.from_env()
-    kwargs = appliance_run_kwargs(tags["appliance"], name=NAME, appliance_id=APPLIANCE_ID, locations_file=locations)
-    fingerprint = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    kwargs["labels"]["airlock.quickstart-config"] = fingerprint
-    try:
-        existing = client.containers.get(NAME)
-    except docker.errors.NotFound:
-        existing = None
-    if existing is not None and existing.status == "running" and \
-            existing.labels.get("airlock.quickstart-config") == fingerprint:
-        print(f"[quickstart] appliance {NAME} already running with this configuration; reusing it")
-        container = existing
-    else:
-        if existing is not None:
-            print(f"[quickstart] replacing appliance {NAME} (configuration changed or not running)")
-            existing.remove(force=True)
-        container = client.containers.run(**kwargs)
-        print(f"[quickstart] started appliance {NAME} ({tags['appliance']})")
-    print("[quickstart] waiting for the example code location ...")
-    code, out = exec_cli(container, "status", "--wait", "LOADED", "--timeout", "300")
-    print(out.rstrip())
-    if code != 0:
-        print(container.logs(tail=60).decode(errors="replace"), file=sys.stderr)
-        print("[quickstart] the example location did not reach LOADED", file=sys.stderr)
-        return 1
-    code, out = exec_cli(container, "ping", "example", "--count", "3")
-    print(out.rstrip())
-    print(f"[quickstart] ready in {time.monotonic() - started:.1f} s. Next: docker exec {NAME} airlock doctor; "
-          f"stop with: make down")
-    return code
+    stack = Stack()
+    stack.workdir.mkdir(parents=True, exist_ok=True)
+    images = {"AIRLOCK_CONTROLPLANE_IMAGE": tags["controlplane"], "AIRLOCK_APPLIANCE_IMAGE": tags["appliance"]}
+    for name, text in (("locations.yaml", "version: 1\nlocations: []  # connected: the control plane's registry\n"),
+                       ("enroll-token", None), ("ca.pem", None)):
+        path = stack.workdir / name
+        if text is not None or not path.exists():
+            path.write_text(text or "")
+        path.chmod(0o644)  # read by the appliance's unprivileged agent user; the token is one-time
+
+    say(f"control plane ({tags['controlplane']}) ...")
+    stack.compose("up", "-d", "--no-build", "controlplane", env=images)
+    wait("the Dagster UI answering", lambda: stack.graphql("{ version }")["version"], 180)
+
+    image_id = stack.docker.images.get(tags["example-location"]).id
+    registered = {r["name"]: r for r in json.loads(stack.cp_cli("location", "list", "--json"))}
+    if "example" not in registered:
+        print(stack.cp_cli("location", "add", "example", "--image", image_id, "--module",
+                           "example_location.definitions").rstrip())
+    elif registered["example"]["image"] != image_id:
+        print(stack.cp_cli("location", "update", "example", "--image", image_id).rstrip())
+
+    token_file = stack.workdir / "enroll-token"
+    if not token_file.read_text().strip():  # first start: a one-time token; the key it enrolls is kept
+        token_file.write_text(stack.cp_cli("agent-token", "create").strip().splitlines()[-1] + "\n")
+    (stack.workdir / "ca.pem").write_bytes(_file_from(stack.container(f"{NAME}-controlplane"),
+                                                      "/var/lib/airlock-cp/tls/ca.pem"))
+    say(f"appliance ({tags['appliance']}) ...")
+    stack.compose("up", "-d", "--no-build", "appliance", env=images)
+
+    say("waiting for the example code location (served from the appliance) ...")
+    wait("the example location loaded in the control plane", lambda: _example_loaded(stack), 300)
+    params = {"selector": {"repositoryLocationName": "example", "repositoryName": "__repository__",
+                           "jobName": EXAMPLE_JOB}, "runConfigData": {}}
+    launched = stack.graphql(LAUNCH, {"p": params})["launchRun"]
+    if launched["__typename"] != "LaunchRunSuccess":
+        raise SystemExit(f"[quickstart] launching {EXAMPLE_JOB} failed: {launched}")
+    run_id = launched["run"]["runId"]
+    say(f"launched {EXAMPLE_JOB} as run {run_id}; it runs in a hardened container the appliance starts ...")
+    run = wait(f"run {run_id} finished", lambda: _finished(stack, run_id), 300)
+    say(f"run {run_id}: {run['status']} in {run['endTime'] - run['startTime']:.1f} s")
+    say(f"Dagster UI: {stack.ui}/runs/{run_id}")
+    say(f"ready in {time.monotonic() - started:.1f} s. Next: docker exec {NAME} airlock doctor; stop with: make down")
+    return 0 if run["status"] == "SUCCESS" else 1
+
+
+def _example_loaded(stack: Stack) -> bool:
+    entries = stack.graphql(LOCATION)["workspaceOrError"]["locationEntries"]
+    entry = next((e for e in entries if e["name"] == "example"), None)
+    location = (entry or {}).get("locationOrLoadError") or {}
+    return location.get("__typename") == "RepositoryLocation" and any(
+        job["name"] == EXAMPLE_JOB for repo in location["repositories"] for job in repo["jobs"])
+
+
+def _finished(stack: Stack, run_id: str) -> dict | None:
+    run = stack.graphql(RUN, {"id": run_id})["runOrError"]
+    return run if run.get("status") in {"SUCCESS", "FAILURE", "CANCELED"} else None
+
+
+def _file_from(container: Any, path: str) -> bytes:
+    stream, _ = container.get_archive(path)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        member = tar.getmembers()[0]
+        extracted = tar.extractfile(member)
+        assert extracted is not None, f"{path} is not a file"
+        return extracted.read()
 
 
 def down(keep_data: bool) -> int:
-    client = docker.from_env()
+    stack = Stack()
+    client = stack.docker
+    # What the appliance started first: its networks would otherwise keep compose's network busy.
     with contextlib.suppress(docker.errors.NotFound):
         client.containers.get(NAME).remove(force=True)
     for c in client.containers.list(all=True, filters={"label": f"airlock.appliance-id={APPLIANCE_ID}"}):
         c.remove(force=True)
     for n in client.networks.list(filters={"label": f"airlock.appliance-id={APPLIANCE_ID}"}):
         n.remove()
+    stack.compose("down", "--remove-orphans", *([] if keep_data else ["--volumes"]))
     if not keep_data:
-        with contextlib.suppress(docker.errors.NotFound):
-            client.volumes.get(f"airlock-state-{APPLIANCE_ID}").remove()
-    print("[quickstart] removed the appliance, its code servers and networks"
-          + ("" if keep_data else " and its state volume"))
+        for name in ("enroll-token", "ca.pem"):  # the enrollment goes with the state volumes
+            with contextlib.suppress(FileNotFoundError):
+                (stack.workdir / name).unlink()
+    say("removed the control plane, the appliance, its code servers, runs and networks"
+        + ("" if keep_data else " and both state volumes"))
     return 0
 
 
