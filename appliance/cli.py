@@ -101,6 +101,27 @@ def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
     return run_doctor(settings, probe_image=args.probe_image, as_json=args.json)
 
 
+def cmd_keys_rotate(settings: Settings, _args: argparse.Namespace) -> int:
+    from appliance.agent.identity import KeyFile, rotate_key
+    from appliance.agent.transport import GatewayClient, GatewayError, https_client
+
+    if not settings.control_plane_url:
+        print("airlock keys rotate: AIRLOCK_CONTROL_PLANE_URL is not set (a standalone appliance has no key to "
+              "rotate)", file=sys.stderr)
+        return 2
+    client = GatewayClient(https_client(settings.control_plane_url, settings.ca_file), KeyFile(settings.state_dir))
+    try:
+        answer = rotate_key(client, settings.state_dir)
+    except GatewayError as exc:
+        print(f"airlock keys rotate: refused by the control plane: {exc}", file=sys.stderr)
+        return 1
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(answer["previousKeyValidUntil"]))
+    print(f"rotated {answer['agentId']}: now signing with {answer['keyId']}; the control plane accepts "
+          f"{answer['previousKeyId']} until {until}. The agent and the metadata relay switch to the new key "
+          "by themselves.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="airlock", description="airlock appliance")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-image", help="image for the probe container (default: the first location's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
+    keys = sub.add_parser("keys", help="the appliance key").add_subparsers(dest="action", required=True)
+    keys.add_parser("rotate", help="register a new key with the control plane (signed by the current one) and "
+                                   "switch to it").set_defaults(func=cmd_keys_rotate)
     return parser
 
 

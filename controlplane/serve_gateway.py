@@ -40,7 +40,7 @@ def main() -> None:
     key = control_plane_key(settings.state_dir)
     tls = ensure_tls(Path(settings.state_dir) / "tls", list(settings.tls_hostnames))
     engine = create_engine(settings.database_url)
-    app = build_app(engine, key)
+    app = build_app(engine, key, key_grace_seconds=settings.key_grace_seconds)
     registry = Registry(engine, app.state.queue)
     log.info("gateway on https://%s:%d, control plane key %s", settings.gateway_host, settings.gateway_port,
              key.key_id)

@@ -16,6 +16,7 @@ class ControlPlaneSettings:
     tls_hostnames: tuple[str, ...]
     deployment: str
     relay_host: str  # where the relay listeners bind; the webserver and daemon are in the same container
+    key_grace_seconds: float = 24 * 3600  # an agent's old key keeps working this long after a rotation
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControlPlaneSettings:
@@ -29,6 +30,7 @@ class ControlPlaneSettings:
             tls_hostnames=_names(env.get("AIRLOCK_CP_TLS_HOSTNAMES", "controlplane,localhost")),
             deployment=env.get("AIRLOCK_CP_DEPLOYMENT", "default"),
             relay_host=env.get("AIRLOCK_CP_RELAY_HOST", "127.0.0.1"),
+            key_grace_seconds=float(env.get("AIRLOCK_CP_KEY_GRACE_SECONDS", str(24 * 3600))),
         )
 
 

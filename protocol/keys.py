@@ -59,6 +59,12 @@ def verify_bytes(public_key: Ed25519PublicKey, data: bytes, signature_b64: str) 
         raise SignatureError("bad-signature", f"signature does not verify with key {key_id_of(public_key)}") from exc
 
 
+def rotation_message(agent_id: str, old_key_id: str, new_key_id: str) -> bytes:
+    """What the new key signs when an agent rotates to it: proof it holds the key it registers, bound to the
+    agent and to the key it replaces (so the proof cannot be replayed for another agent or rotation)."""
+    return f"airlock key rotation\nagent {agent_id}\nfrom {old_key_id}\nto {new_key_id}\n".encode()
+
+
 class SigningKey:
     """An Ed25519 private key with the operations airlock needs; it never serialises itself except to `save`."""
 

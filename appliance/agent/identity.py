@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 from appliance.agent.transport import Enrollment, GatewayClient
@@ -21,6 +23,58 @@ def load_or_create_key(state_dir: str) -> SigningKey:
     if created:
         log.info("created the appliance key %s in %s", key.key_id, path)
     return key
+
+
+class KeyFile:
+    """The appliance key as the file holds it now: `airlock keys rotate` replaces the file (atomically), and
+    the agent and the metadata relay sign with the new key from their next request, without a restart."""
+
+    def __init__(self, state_dir: str, *, recheck_seconds: float = 1.0) -> None:
+        self.path = Path(state_dir) / KEY_FILE
+        self.recheck_seconds = recheck_seconds
+        self._key = load_or_create_key(state_dir)
+        self._stamp = self._stat()
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _stat(self) -> tuple[int, int]:
+        info = self.path.stat()
+        return info.st_ino, info.st_mtime_ns
+
+    def current(self) -> SigningKey:
+        with self._lock:
+            if time.monotonic() - self._checked >= self.recheck_seconds:
+                self._checked = time.monotonic()
+                stamp = self._stat()
+                if stamp != self._stamp:
+                    key = SigningKey.load(self.path)
+                    log.info("appliance key changed on disk: signing with %s (was %s)", key.key_id,
+                             self._key.key_id)
+                    self._key, self._stamp = key, stamp
+            return self._key
+
+
+def rotate_key(client: GatewayClient, state_dir: str) -> dict:
+    """Register a new key with the control plane (signed by the current one), then put it in the key file.
+
+    The new key is written next to the old one first, so a crash after the control plane accepted it
+    leaves it on disk (`agent.key.next`): move it over agent.key by hand (the old key works until the
+    control plane's grace period ends)."""
+    enrollment = load_enrollment(state_dir)
+    if enrollment is None:
+        raise SystemExit("airlock keys rotate: this appliance is not enrolled (no enrollment.json)")
+    client.pin(enrollment.control_plane_key)
+    path = Path(state_dir) / KEY_FILE
+    pending = path.with_name(KEY_FILE + ".next")
+    new_key = SigningKey.generate()
+    new_key.save(pending)
+    try:
+        answer = client.rotate_key(enrollment.agent_id, new_key)
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    os.replace(pending, path)
+    return answer
 
 
 def load_enrollment(state_dir: str) -> Enrollment | None:

@@ -33,5 +33,11 @@ mutation StorageCall($runId: String!, $location: String!, $call: StorageCallInpu
   storageCall(runId: $runId, location: $location, call: $call) { result error }
 }"""
 
+ROTATE_KEY = """
+mutation RotateKey($publicKey: String!, $proof: String!) {
+  rotateAgentKey(publicKey: $publicKey, proof: $proof) { agentId keyId previousKeyId previousKeyValidUntil }
+}"""
+
 ALL = {"Enroll": ENROLL, "WhoAmI": WHOAMI, "ClaimWork": CLAIM_WORK, "PostResults": POST_RESULTS,
-       "Heartbeat": HEARTBEAT, "StorageWrite": STORAGE_WRITE, "StorageCall": STORAGE_CALL}
+       "Heartbeat": HEARTBEAT, "StorageWrite": STORAGE_WRITE, "StorageCall": STORAGE_CALL,
+       "RotateKey": ROTATE_KEY}

@@ -130,22 +130,18 @@ def run_standalone(settings: Settings, locations: LocationsFile, reconciler: Rec
 
 def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, stop: threading.Event) -> None:
     """Desired locations and work from the control plane, over signed long polls."""
-    import ssl
 
-    import httpx
 
     from appliance.agent.connected import ConnectedAgent, DesiredLocations
     from appliance.agent.grpc_handler import grpc_call_handler
     from appliance.agent.grpc_replay import GrpcReplayer
-    from appliance.agent.identity import ensure_enrolled, load_or_create_key
+    from appliance.agent.identity import KeyFile, ensure_enrolled
     from appliance.agent.runs import RelayControl, RunManager
-    from appliance.agent.transport import GatewayClient
+    from appliance.agent.transport import GatewayClient, https_client
     from appliance.metadata.tokens import RunTokens
     from protocol.work import WorkKind
 
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else True
-    http = httpx.Client(base_url=settings.control_plane_url, verify=verify, timeout=httpx.Timeout(60.0, connect=10.0))
-    client = GatewayClient(http, load_or_create_key(settings.state_dir))
+    client = GatewayClient(https_client(settings.control_plane_url, settings.ca_file), KeyFile(settings.state_dir))
     enrollment = ensure_enrolled(client, settings.state_dir, token=settings.enroll_token, queues=list(settings.queues),
                                  fingerprint=settings.control_plane_fingerprint)
     log.info("agent %s connected to %s as %s (queues %s)", settings.appliance_id, settings.control_plane_url,

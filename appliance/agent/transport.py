@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import ssl
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.agent import operations
 from protocol.errors import SignatureError
+from protocol.keys import rotation_message
 from protocol.signing import (
     ENROLL_KEY_HEADER,
     SigningKey,
@@ -65,10 +67,26 @@ class Enrollment:
     control_plane_key_id: str
 
 
+def https_client(url: str, ca_file: str = "") -> httpx.Client:
+    """The HTTPS client to the agent API: the given CA only when there is one (a self-hosted control plane)."""
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+    return httpx.Client(base_url=url, verify=verify, timeout=httpx.Timeout(60.0, connect=10.0))
+
+
+class KeySource(Protocol):
+    def current(self) -> SigningKey: ...
+
+
 class GatewayClient:
-    def __init__(self, client: httpx.Client, key: SigningKey, *, control_plane_key: str | None = None) -> None:
-        self.client, self.key = client, key
+    def __init__(self, client: httpx.Client, key: SigningKey | KeySource, *,
+                 control_plane_key: str | None = None) -> None:
+        self.client, self._key = client, key
         self.pinned: Ed25519PublicKey | None = load_public_key(control_plane_key) if control_plane_key else None
+
+    @property
+    def key(self) -> SigningKey:
+        """The key to sign with now: a KeySource (identity.KeyFile) follows a rotation without a restart."""
+        return self._key if isinstance(self._key, SigningKey) else self._key.current()
 
     def pin(self, control_plane_key: str) -> None:
         self.pinned = load_public_key(control_plane_key)
@@ -141,6 +159,12 @@ class GatewayClient:
 
     def whoami(self) -> dict[str, Any]:
         return self.execute(operations.WHOAMI)["agent"]
+
+    def rotate_key(self, agent_id: str, new_key: SigningKey) -> dict[str, Any]:
+        """Register `new_key` in place of the key this client signs with (which must be the current one)."""
+        proof = new_key.sign_bytes(rotation_message(agent_id, self.key.key_id, new_key.key_id))
+        variables = {"publicKey": new_key.public_pem(), "proof": proof}
+        return self.execute(operations.ROTATE_KEY, variables)["rotateAgentKey"]
 
 
 def result_payload(value: Any) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from appliance.agent.identity import load_enrollment, load_or_create_key
+from appliance.agent.identity import KeyFile, load_enrollment
 from appliance.agent.transport import GatewayClient
 from appliance.logs import configure
 from appliance.metadata.app import RelayState, control_app, worker_app
@@ -68,7 +68,7 @@ def main() -> None:
 
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else True
     http = httpx.Client(base_url=settings.control_plane_url, verify=verify, timeout=httpx.Timeout(120.0, connect=10.0))
-    upstream = GatewayStorage(GatewayClient(http, load_or_create_key(settings.state_dir)))
+    upstream = GatewayStorage(GatewayClient(http, KeyFile(settings.state_dir)))
     spool = Spool(os.path.join(settings.state_dir, "spool"), max_bytes=args.max_spool_bytes)
     state = RelayState(spool=spool, tokens=RunTokens.load_or_create(settings.state_dir), upstream=upstream)
 

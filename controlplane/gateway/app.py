@@ -39,7 +39,8 @@ def _dagster_instance() -> Any:
 
 
 def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX_BODY,
-              max_skew_seconds: int = 300, instance_factory: Callable[[], Any] | None = _dagster_instance) -> Starlette:
+              max_skew_seconds: int = 300, instance_factory: Callable[[], Any] | None = _dagster_instance,
+              key_grace_seconds: float = 24 * 3600) -> Starlette:
     """The gateway. `instance_factory` gives the Dagster instance run storage calls execute on (None: no runs)."""
     store, queue = AgentStore(engine), WorkQueue(engine)
     store.create_schema()
@@ -52,7 +53,7 @@ def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX
     if instance_factory is not None:
         storage = StorageService(engine, instance_factory, serves=_serves(registry), audit=store.audit)
         storage.create_schema()
-    context = GatewayContext(store=store, queue=queue, key=key, storage=storage,
+    context = GatewayContext(store=store, queue=queue, key=key, storage=storage, key_grace_seconds=key_grace_seconds,
                              on_enrolled=lambda agent: registry.publish(agent.deployment, *agent.labels))
 
     async def graphql_endpoint(request: Request) -> Response:

@@ -3,7 +3,7 @@ the GraphQL operation, and put the caller in scope["auth"]. Resolvers never see 
 
 Refusals are answered here with a clear 4xx and an audit entry, and nothing downstream runs:
   400 malformed JSON / GraphQL · 401 unsigned, bad signature, tampered, unknown key, expired, replayed
-  403 revoked key · 413 body too large.
+  401 a key rotated away from, past its grace period · 403 revoked agent · 413 body too large.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +160,10 @@ class SignedRequestMiddleware:
             if (kind, fields) != ("mutation", ("enrollAgent",)):
                 raise Refused(401, "unknown-key", f"key {verified.key_id} is not enrolled", verified.key_id)
             return Caller(verified.key_id, None, enrolling[verified.key_id], fields, payload)
+        if agent.status == "retired":
+            until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(agent.valid_until or 0))
+            raise Refused(401, "retired", f"key {verified.key_id} of {agent.id} was rotated away from and retired at "
+                                          f"{until}", verified.key_id)
         if agent.status != "active":
             raise Refused(403, "revoked", f"key {verified.key_id} of {agent.id} is {agent.status}", verified.key_id)
         return Caller(verified.key_id, agent, None, fields, payload)

@@ -16,9 +16,11 @@ from graphql import GraphQLError, GraphQLResolveInfo
 from controlplane.gateway.auth import Caller
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.schema import Resolvers
-from controlplane.gateway.store import AgentRecord, AgentStore, EnrollmentError
+from controlplane.gateway.store import AgentRecord, AgentStore, EnrollmentError, RotationError
 from controlplane.storage.service import StorageService
-from protocol.signing import SigningKey, load_public_key
+from protocol.errors import SignatureError
+from protocol.keys import rotation_message
+from protocol.signing import SigningKey, key_id_of, load_public_key, verify_bytes
 from protocol.storage_calls import StorageCallRefused
 from protocol.work import work_signing_bytes
 
@@ -33,6 +35,7 @@ class GatewayContext:
     key: SigningKey  # the control plane's own key: signs work, is pinned by agents
     on_enrolled: Callable[[AgentRecord], None] = lambda _agent: None  # e.g. send the new agent its locations
     storage: StorageService | None = None  # run workers' storage calls, relayed by the appliance
+    key_grace_seconds: float = 24 * 3600  # how long a key an agent rotated away from keeps working
 
 
 def _caller(info: GraphQLResolveInfo) -> Caller:
@@ -95,6 +98,34 @@ def bind() -> Resolvers:
         ctx.on_enrolled(agent)
         return {"agentId": agent.id, "deployment": agent.deployment,
                 "controlPlaneKey": ctx.key.public_pem(), "controlPlaneKeyId": ctx.key.key_id}
+
+    @field(mutation, "rotateAgentKey")
+    def resolve_rotate(_: Any, info: GraphQLResolveInfo, publicKey: str, proof: str) -> dict:
+        caller, ctx = _enrolled(info), _ctx(info)
+        agent = caller.agent
+        assert agent is not None
+        try:
+            if not agent.current:
+                raise RotationError(f"key {caller.key_id} was already rotated away from; sign with the current key")
+            try:
+                new_key = load_public_key(publicKey)
+            except Exception:
+                raise RotationError("publicKey is not an Ed25519 public key (PEM)") from None
+            new_key_id = key_id_of(new_key)
+            try:
+                verify_bytes(new_key, rotation_message(agent.id, caller.key_id, new_key_id), proof)
+            except SignatureError:
+                raise RotationError("proof is not the new key's signature over the rotation message") from None
+            until = ctx.store.rotate_key(agent.id, caller.key_id, new_key_id, publicKey, ctx.key_grace_seconds)
+        except RotationError as exc:
+            ctx.store.audit(operation="rotateAgentKey", accepted=False, reason=str(exc), key_id=caller.key_id,
+                            agent_id=agent.id)
+            raise GraphQLError(f"key rotation refused: {exc}") from None
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+        ctx.store.audit(operation="rotateAgentKey", accepted=True, key_id=caller.key_id, agent_id=agent.id,
+                        reason=f"rotated from {caller.key_id} to {new_key_id}; {caller.key_id} accepted until {when}")
+        return {"agentId": agent.id, "keyId": new_key_id, "previousKeyId": caller.key_id,
+                "previousKeyValidUntil": until}
 
     @field(mutation, "claimWork")
     async def resolve_claim(_: Any, info: GraphQLResolveInfo, queues: list[str], waitSeconds: int = 25,

@@ -41,6 +41,16 @@ agents = sa.Table(
     sa.Column("heartbeat", sa.Text),
 )
 
+# Keys an agent rotated away from: accepted until valid_until (the grace period), refused after.
+old_keys = sa.Table(
+    "airlock_agent_old_keys", metadata,
+    sa.Column("key_id", sa.String(80), primary_key=True),
+    sa.Column("agent_id", sa.String(64), nullable=False, index=True),
+    sa.Column("public_key", sa.Text, nullable=False),
+    sa.Column("rotated_at", sa.Float, nullable=False),
+    sa.Column("valid_until", sa.Float, nullable=False),
+)
+
 audit_log = sa.Table(
     "airlock_audit_log", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -55,12 +65,17 @@ audit_log = sa.Table(
 
 @dataclass(frozen=True)
 class AgentRecord:
+    """An agent as seen through one of its keys: `key_id`/`public_key` are that key, `status` is the agent's
+    (active | revoked), or "retired" when the key is an old one past its grace period."""
+
     id: str
     deployment: str
     key_id: str
     public_key: str
     labels: tuple[str, ...]
     status: str
+    current: bool = True  # False: a key rotated away from (still accepted until `valid_until`)
+    valid_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,10 @@ class AuditEntry:
 
 class EnrollmentError(Exception):
     """The enrollment token is unknown, used or expired (the message says which)."""
+
+
+class RotationError(Exception):
+    """A key rotation that cannot be applied (the message says why); nothing was changed."""
 
 
 def _hash(token: str) -> str:
@@ -126,10 +145,39 @@ class AgentStore:
     def by_key(self, key_id: str) -> AgentRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(agents).where(agents.c.key_id == key_id)).first()
-        if row is None:
+            if row is not None:
+                return AgentRecord(row.id, row.deployment, row.key_id, row.public_key,
+                                   tuple(json.loads(row.labels)), row.status)
+            old = conn.execute(sa.select(old_keys, agents.c.deployment, agents.c.labels, agents.c.status).join(
+                agents, agents.c.id == old_keys.c.agent_id).where(old_keys.c.key_id == key_id)).first()
+        if old is None:
             return None
-        return AgentRecord(row.id, row.deployment, row.key_id, row.public_key, tuple(json.loads(row.labels)),
-                           row.status)
+        status = old.status if old.status != "active" or self.clock() < old.valid_until else "retired"
+        return AgentRecord(old.agent_id, old.deployment, old.key_id, old.public_key, tuple(json.loads(old.labels)),
+                           status, current=False, valid_until=old.valid_until)
+
+    def rotate_key(self, agent_id: str, old_key_id: str, new_key_id: str, new_public_key: str,
+                   grace_seconds: float) -> float:
+        """Make `new_key_id` the agent's key; the old one stays valid for `grace_seconds`. Returns until when.
+
+        Atomic, and only from the agent's current key: a rotation raced by another, or signed by a key
+        already rotated away from, changes nothing."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            taken = conn.execute(sa.select(agents.c.id).where(agents.c.key_id == new_key_id)).first() or \
+                conn.execute(sa.select(old_keys.c.key_id).where(old_keys.c.key_id == new_key_id)).first()
+            if taken:
+                raise RotationError(f"key {new_key_id} is already registered; generate a new one")
+            row = conn.execute(sa.select(agents).where(agents.c.id == agent_id)).first()
+            if row is None or row.status != "active":
+                raise RotationError(f"agent {agent_id} is not active")
+            changed = conn.execute(agents.update().where(agents.c.id == agent_id, agents.c.key_id == old_key_id)
+                                   .values(key_id=new_key_id, public_key=new_public_key)).rowcount
+            if changed != 1:
+                raise RotationError(f"key {old_key_id} is not the current key of {agent_id}")
+            conn.execute(old_keys.insert().values(key_id=old_key_id, agent_id=agent_id, public_key=row.public_key,
+                                                  rotated_at=now, valid_until=now + grace_seconds))
+        return now + grace_seconds
 
     def revoke(self, agent_id: str) -> bool:
         with self.engine.begin() as conn:
@@ -149,8 +197,16 @@ class AgentStore:
         return sum(1 for row in rows if queue in json.loads(row.labels))
 
     def list_agents(self) -> list[dict]:
+        """Every agent with its keys: the current one, and old ones with the time they stop (or stopped) working."""
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(sa.select(agents).order_by(agents.c.enrolled_at))]
+            listed = [dict(row._mapping) for row in conn.execute(sa.select(agents).order_by(agents.c.enrolled_at))]
+            old = conn.execute(sa.select(old_keys).order_by(old_keys.c.rotated_at)).all()
+        now = self.clock()
+        for agent in listed:
+            agent["keys"] = [{"key_id": agent["key_id"], "state": "current"}] + [
+                {"key_id": k.key_id, "state": "retiring" if now < k.valid_until else "retired",
+                 "valid_until": k.valid_until} for k in old if k.agent_id == agent["id"]]
+        return listed
 
     # -- audit ------------------------------------------------------------------------------------
     def audit(self, *, operation: str, accepted: bool, reason: str, key_id: str | None = None,
