@@ -234,3 +234,69 @@ def test_transport_errors_are_gateway_errors(gw: Gateway) -> None:
                                         base_url="https://gateway"), SigningKey.generate())
     with pytest.raises(GatewayError, match="without JSON"):
         client.whoami()
+
+
+def test_key_rotation_new_key_accepted_old_one_until_the_grace_period_then_refused(gw: Gateway) -> None:
+    from protocol.keys import rotation_message
+
+    agent = gw.agent()
+    agent_id = agent.whoami()["id"]
+    old = GatewayClient(gw.http, agent.key)  # someone still holding the old key
+    new_key = SigningKey.generate()
+    answer = agent.rotate_key(agent_id, new_key)
+    assert (answer["keyId"], answer["previousKeyId"]) == (new_key.key_id, old.key.key_id)
+    new = GatewayClient(gw.http, new_key)
+    assert new.whoami()["keyId"] == new_key.key_id
+    assert old.whoami()["id"] == agent_id  # within the grace period (24 h by default)
+    with pytest.raises(GatewayError, match="already rotated away from"):  # only the current key may rotate
+        old.rotate_key(agent_id, SigningKey.generate())
+    gw.store.clock = lambda: time.time() + 24 * 3600 + 1
+    with pytest.raises(GatewayError) as refused:
+        old.whoami()
+    assert refused.value.status == 401 and refused.value.code == "retired"
+    assert new.whoami()["id"] == agent_id
+    keys = next(a for a in gw.store.list_agents() if a["id"] == agent_id)["keys"]
+    assert [(k["key_id"], k["state"]) for k in keys] == [(new_key.key_id, "current"), (old.key.key_id, "retired")]
+    audit = [e for e in gw.store.audit_entries(20) if e.operation in ("rotateAgentKey", "POST /graphql")]
+    assert any(e.accepted and f"to {new_key.key_id}" in e.reason for e in audit)
+    assert any(not e.accepted and "retired" in e.reason and e.key_id == old.key.key_id for e in audit)
+    # A bad proof, or a proof made for another agent, changes nothing.
+    gw.store.clock = time.time
+    other = SigningKey.generate()
+    bad_proof = other.sign_bytes(rotation_message("agent-someone-else", new_key.key_id, other.key_id))
+    with pytest.raises(GatewayError, match="proof is not the new key's signature"):
+        new.execute(operations.ROTATE_KEY, {"publicKey": other.public_pem(), "proof": bad_proof})
+    assert new.whoami()["keyId"] == new_key.key_id
+
+
+def test_revocation_refuses_every_key_of_the_agent_at_once(gw: Gateway) -> None:
+    agent = gw.agent()
+    agent_id = agent.whoami()["id"]
+    old = GatewayClient(gw.http, agent.key)
+    new_key = SigningKey.generate()
+    agent.rotate_key(agent_id, new_key)
+    assert gw.store.revoke(agent_id)
+    for client in (old, GatewayClient(gw.http, new_key)):
+        with pytest.raises(GatewayError) as refused:
+            client.whoami()
+        assert refused.value.status == 403 and refused.value.code == "revoked"
+
+
+def test_airlock_keys_rotate_replaces_the_key_file_and_a_running_client_follows_it(gw: Gateway, tmp_path) -> None:
+    from appliance.agent.identity import KeyFile, ensure_enrolled, rotate_key
+
+    state = tmp_path / "state"
+    state.mkdir()
+    running = GatewayClient(gw.http, KeyFile(str(state), recheck_seconds=0))  # what the agent process holds
+    ensure_enrolled(running, str(state), token=gw.store.create_token("prod"), queues=["default"])
+    before = running.whoami()["keyId"]
+    cli = GatewayClient(gw.http, KeyFile(str(state)))  # what `airlock keys rotate` builds
+    answer = rotate_key(cli, str(state))
+    assert answer["previousKeyId"] == before and SigningKey.load(state / "agent.key").key_id == answer["keyId"]
+    assert not (state / "agent.key.next").exists()
+    assert running.whoami()["keyId"] == answer["keyId"]  # the running client signs with the new key now
+    gw.store.revoke(answer["agentId"])
+    with pytest.raises(GatewayError, match="revoked"):
+        rotate_key(cli, str(state))
+    assert SigningKey.load(state / "agent.key").key_id == answer["keyId"]  # a refused rotation changes nothing
+    assert not (state / "agent.key.next").exists()
