@@ -25,7 +25,8 @@ LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __
   ... on RunConfigValidationInvalid { errors { message } } } }"""
 RUN = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }"""
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
-JOBS = """{ workspaceOrError { ... on Workspace { locationEntries { locationOrLoadError { __typename
+GRACE_SECONDS = 20  # how long an appliance key rotated away from keeps working on the test control plane
+JOBS = """{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename
   ... on RepositoryLocation { repositories { jobs { name } } } } } } } }"""
 
 
@@ -93,7 +94,8 @@ def control_plane_and_appliance(workdir: Path, *, quiet: bool = False) -> Iterat
         # to the host's address on the user network only; the appliance reaches it through the host.
         cp_container = dc.containers.run(images["controlplane"], detach=True, name=f"airlock-{run}-controlplane",
                                           network=network, labels={"airlock.test-run": run},
-                                          environment={"AIRLOCK_CP_TLS_HOSTNAMES": f"controlplane,{user_gateway}"},
+                                          environment={"AIRLOCK_CP_TLS_HOSTNAMES": f"controlplane,{user_gateway}",
+                                                       "AIRLOCK_CP_KEY_GRACE_SECONDS": str(GRACE_SECONDS)},
                                           ports={"8443/tcp": (user_gateway, gateway_port)},
                                           volumes={f"airlock-{run}-cp-state": {"bind": "/var/lib/airlock-cp"}})
         cp = ControlPlane(dc, cp_container, network)
@@ -141,8 +143,8 @@ def _extract_single(tar_bytes: bytes, target: Path) -> None:
     target.chmod(0o644)
 
 
-def launch(cp: ControlPlane, job: str, run_config: dict | None = None) -> str:
-    params = {"selector": {"repositoryLocationName": "example", "repositoryName": "__repository__", "jobName": job},
+def launch(cp: ControlPlane, job: str, run_config: dict | None = None, *, location: str = "example") -> str:
+    params = {"selector": {"repositoryLocationName": location, "repositoryName": "__repository__", "jobName": job},
               "runConfigData": run_config or {}}
     result = cp.graphql(LAUNCH, {"p": params})["launchRun"]
     assert result["__typename"] == "LaunchRunSuccess", result
@@ -168,7 +170,8 @@ def loaded(stack):
     appliance.wait_for("example", "LOADED", timeout=240)
 
     def jobs() -> set[str] | None:
-        entry = cp.graphql(JOBS)["workspaceOrError"]["locationEntries"][0]["locationOrLoadError"]
+        entries = cp.graphql(JOBS)["workspaceOrError"]["locationEntries"]
+        entry = next(e for e in entries if e["name"] == "example")["locationOrLoadError"]
         names = {j["name"] for r in entry.get("repositories", []) for j in r["jobs"]}
         return names if {"numbers_job", "sleepy_job", "hungry_job", "chatty_job"} <= names else None
 
