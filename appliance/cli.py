@@ -122,6 +122,66 @@ def cmd_keys_rotate(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle_keygen(_settings: Settings, args: argparse.Namespace) -> int:
+    """A signing key for bundles (0600) and its public half next to it, the file importers pass as --trust-key."""
+    from protocol.keys import SigningKey
+
+    key, created = SigningKey.load_or_create(args.key)
+    public = Path(f"{args.key}.pub")
+    public.write_text(key.public_pem())
+    print(f"airlock: {'created' if created else 'kept'} {args.key} ({key.key_id})")
+    print(f"airlock: public key for importers (--trust-key): {public}")
+    return 0
+
+
+def cmd_bundle_export(_settings: Settings, args: argparse.Namespace) -> int:
+    from appliance.bundle import DEFAULT_IMAGES, BundleError, DockerEngine, export_bundle
+    from protocol.errors import SignatureError
+    from protocol.keys import SigningKey
+
+    refs = list(args.image) if args.only else [*DEFAULT_IMAGES, *args.image]
+    started = time.monotonic()
+    try:
+        key = SigningKey.load(args.key)
+        manifest = export_bundle(DockerEngine(), refs, Path(args.out), key)
+    except FileNotFoundError:
+        print(f"airlock: no signing key at {args.key} (create one: airlock bundle keygen --key {args.key})",
+              file=sys.stderr)
+        return 2
+    except (BundleError, SignatureError) as exc:
+        print(f"airlock: export failed: {exc}", file=sys.stderr)
+        return 1
+    size = Path(args.out).stat().st_size
+    print(f"airlock: wrote {args.out}: {len(manifest.images)} images, {size / 1e6:,.1f} MB, signed by {key.key_id}, "
+          f"in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def cmd_bundle_import(_settings: Settings, args: argparse.Namespace) -> int:
+    """Verify everything (signature, members, every image's sha256) before the first docker load."""
+    from appliance.bundle import BundleError, DockerEngine, load_trust_key, load_verified, preflight, verify_bundle
+
+    allowlist = None if args.no_allowlist else Path(args.allowlist)
+    started = time.monotonic()
+    try:
+        preflight(allowlist)
+        verified = verify_bundle(args.bundle, load_trust_key(args.trust_key))
+        verified_at = time.monotonic()
+        loaded = load_verified(verified, DockerEngine(), allowlist)
+    except BundleError as exc:
+        print(f"airlock: bundle refused: {exc}", file=sys.stderr)
+        return 1
+    done = time.monotonic()
+    for item in loaded:
+        print(f"  {item.image.image_id[:19]}  {', '.join(item.image.tags) or '(no tag)'}"
+              f"{'  + allowlisted' if item.allowlisted else ''}")
+    print(f"airlock: imported {len(loaded)} images signed by {verified.key_id} (verify {verified_at - started:.1f} s, "
+          f"load {done - verified_at:.1f} s)")
+    if allowlist is not None and any(item.allowlisted for item in loaded):
+        print(f"airlock: digest allowlist {allowlist} extended; restart the appliance to apply it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="airlock", description="airlock appliance")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,7 +204,31 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="the appliance key").add_subparsers(dest="action", required=True)
     keys.add_parser("rotate", help="register a new key with the control plane (signed by the current one) and "
                                    "switch to it").set_defaults(func=cmd_keys_rotate)
+    _add_bundle_parser(sub)
     return parser
+
+
+def _add_bundle_parser(sub: argparse._SubParsersAction) -> None:
+    """`airlock bundle keygen|export|import`: run on the host, against the real Docker engine."""
+    bundle = sub.add_parser("bundle", help="air-gapped install: signed image bundles").add_subparsers(
+        dest="bundle_command", required=True)
+    p = bundle.add_parser("keygen", help="create a bundle signing key (and KEY.pub for importers)")
+    p.add_argument("--key", required=True, help="private key file to create (0600)")
+    p.set_defaults(func=cmd_bundle_keygen)
+    p = bundle.add_parser("export", help="docker save the airlock images into one signed bundle")
+    p.add_argument("--key", required=True, help="signing key (airlock bundle keygen)")
+    p.add_argument("--out", required=True, help="bundle file to write")
+    p.add_argument("--image", action="append", default=[], help="also export this user-code image (repeatable)")
+    p.add_argument("--only", action="store_true", help="export only the --image images, not the airlock ones")
+    p.set_defaults(func=cmd_bundle_export)
+    p = bundle.add_parser("import", help="verify a bundle against a trusted key, then docker load it")
+    p.add_argument("bundle", help="bundle file")
+    p.add_argument("--trust-key", required=True, help="the exporter's public key (KEY.pub)")
+    p.add_argument("--allowlist", default="/etc/airlock/images-imported.yaml",
+                   help="digest allowlist to extend with the user-code images (mount it in the appliance at "
+                        "/etc/airlock/policy/images-imported.yaml)")
+    p.add_argument("--no-allowlist", action="store_true", help="load only; do not extend the digest allowlist")
+    p.set_defaults(func=cmd_bundle_import)
 
 
 def main(argv: list[str] | None = None) -> None:

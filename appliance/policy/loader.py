@@ -60,7 +60,7 @@ def read_yaml(path: Path) -> Fields:
 
 
 def load_policy(directory: str | os.PathLike[str]) -> Policy:
-    """Read hardening.yaml, images.yaml and egress.yaml (and the seccomp profile) from one directory."""
+    """Read hardening.yaml, images.yaml (+ images-imported.yaml if present), egress.yaml and the seccomp profile."""
     root = Path(directory)
     hardening, bounds = _load_hardening(root / "hardening.yaml", root)
     policy = Policy(
@@ -189,6 +189,9 @@ def _load_images(path: Path) -> ImagePolicy:
             names.append(entry.str("name", pattern=r"[a-z0-9][a-z0-9._/*-]*"))
         entry.done()
     f.done()
+    from appliance.policy.imported import IMPORTED_FILE, read_imported  # it reads files with read_yaml
+
+    digests.extend(image.digest for image in read_imported(path.parent / IMPORTED_FILE))
     return ImagePolicy(allow_pull=allow_pull, names=tuple(names), digests=tuple(digests))
 
 
