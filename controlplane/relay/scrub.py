@@ -16,9 +16,12 @@ from typing import Any
 
 from protocol.dagster_grpc import SERVICE, decode_echo, encode_echo
 
+# Dagster's client calls the unary Sync* forms first (the streaming ones only as a fallback on UNIMPLEMENTED);
+# both take the same request message.
 CARRIES_INSTANCE_REF = frozenset(f"/{SERVICE}/{name}" for name in (
-    "ExternalScheduleExecution", "ExternalSensorExecution", "ExternalPartitionSetExecutionParams",
-    "ExternalPartitionConfig", "ExternalPartitionTags", "ExternalPartitionNames", "ExecutionPlanSnapshot",
+    "ExternalScheduleExecution", "SyncExternalScheduleExecution", "ExternalSensorExecution",
+    "SyncExternalSensorExecution", "ExternalPartitionSetExecutionParams", "ExternalPartitionConfig",
+    "ExternalPartitionTags", "ExternalPartitionNames", "ExecutionPlanSnapshot",
 ))
 
 

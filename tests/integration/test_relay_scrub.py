@@ -21,12 +21,13 @@ ref = InstanceRef.from_dir("/var/lib/airlock-cp/dagster")
 origin = RemoteRepositoryOrigin(GrpcServerCodeLocationOrigin(host="127.0.0.1", port=4100, location_name="example"),
                                 "__repository__")
 out = {}
-for method, args in [
-    ("/api.DagsterApi/ExternalSensorExecution",
-     SensorExecutionArgs(repository_origin=origin, instance_ref=ref, sensor_name="s", cursor="7")),
-    ("/api.DagsterApi/ExternalScheduleExecution",
-     ExternalScheduleExecutionArgs(repository_origin=origin, instance_ref=ref, schedule_name="sch",
-                                   scheduled_execution_timestamp=None, log_key=None)),
+sensor = SensorExecutionArgs(repository_origin=origin, instance_ref=ref, sensor_name="s", cursor="7")
+schedule = ExternalScheduleExecutionArgs(repository_origin=origin, instance_ref=ref, schedule_name="sch",
+                                         scheduled_execution_timestamp=None, log_key=None)
+for method, args in [  # the daemon calls the unary Sync* forms; the streaming ones are the fallback
+    ("/api.DagsterApi/ExternalSensorExecution", sensor), ("/api.DagsterApi/SyncExternalSensorExecution", sensor),
+    ("/api.DagsterApi/ExternalScheduleExecution", schedule),
+    ("/api.DagsterApi/SyncExternalScheduleExecution", schedule),
 ]:
     sent = encode_echo(serialize_value(args))
     scrubbed = deserialize_value(decode_echo(scrub_instance_ref(method, sent)))
@@ -64,9 +65,12 @@ def test_instance_ref_never_leaves_the_control_plane() -> None:
     finally:
         container.remove(v=True, force=True)  # the image declares a state VOLUME: do not leave it behind
     result = json.loads(output.decode().strip().splitlines()[-1])
-    sensor = result["/api.DagsterApi/ExternalSensorExecution"]
-    schedule = result["/api.DagsterApi/ExternalScheduleExecution"]
-    assert sensor == {"before_has_path": True, "after_has_path": False, "instance_ref": True, "kept": "7"}, sensor
-    assert schedule == {"before_has_path": True, "after_has_path": False, "instance_ref": True, "kept": "sch"}
+    for prefix in ("", "Sync"):
+        sensor = result[f"/api.DagsterApi/{prefix}ExternalSensorExecution"]
+        schedule = result[f"/api.DagsterApi/{prefix}ExternalScheduleExecution"]
+        assert sensor == {"before_has_path": True, "after_has_path": False, "instance_ref": True, "kept": "7"}, \
+            (prefix, sensor)
+        assert schedule == {"before_has_path": True, "after_has_path": False, "instance_ref": True,
+                            "kept": "sch"}, (prefix, schedule)
     assert result["other"] is True and result["junk"] == "refused"
     assert result["fresh_process"] == "False", result["fresh_process"]
