@@ -122,6 +122,7 @@ def worker_app(state: RelayState) -> Starlette:
             try:
                 await asyncio.to_thread(state.spool.append_many, scope.run_id, scope.location, writes)
             except SpoolFull as exc:
+                log.warning("spool full: run %s waits (backpressure): %s", scope.run_id, exc)
                 return _error(503, str(exc))
             return JSONResponse({"ok": True})
         drained = await asyncio.to_thread(state.spool.wait_forwarded, scope.run_id, state.read_wait_seconds)

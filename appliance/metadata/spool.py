@@ -74,8 +74,9 @@ class Spool:
         """Durably add records in order, all or none, with one fsync; returns the first one's index."""
         data = b"".join((json.dumps(r, separators=(",", ":")) + "\n").encode() for r in records)
         with self._lock:
-            if self.pending_bytes() + len(data) > self.max_bytes:
-                raise SpoolFull(f"spool holds {self.pending_bytes()} unforwarded bytes (limit {self.max_bytes})")
+            pending = self.pending_bytes()
+            if pending and pending + len(data) > self.max_bytes:  # alone, even an outsized batch goes in
+                raise SpoolFull(f"spool holds {pending} unforwarded bytes (limit {self.max_bytes})")
             run = self._runs.get(run_id) or self._create(run_id, location)
         with run.lock:
             with open(run.path / "log", "ab") as f:

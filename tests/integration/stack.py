@@ -25,6 +25,7 @@ LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __
   ... on RunConfigValidationInvalid { errors { message } } } }"""
 RUN = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }"""
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+SPOOL_MAX_BYTES = 64 * 1024  # small, so a control plane outage mid-run fills it: backpressure, not loss
 GRACE_SECONDS = 20  # how long an appliance key rotated away from keeps working on the test control plane
 JOBS = """{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename
   ... on RepositoryLocation { repositories { jobs { name } } } } } } } }"""
@@ -107,7 +108,8 @@ def control_plane_and_appliance(workdir: Path, *, quiet: bool = False) -> Iterat
         bits, _ = cp_container.get_archive("/var/lib/airlock-cp/tls/ca.pem")
         _extract_single(b"".join(bits), ca)
         appliance.write_locations("version: 1\nlocations: []\n")
-        appliance.extra_env.update({"AIRLOCK_CONTROL_PLANE_URL": f"https://{user_gateway}:{gateway_port}",
+        appliance.extra_env.update({"AIRLOCK_SPOOL_MAX_BYTES": str(SPOOL_MAX_BYTES),
+                                    "AIRLOCK_CONTROL_PLANE_URL": f"https://{user_gateway}:{gateway_port}",
                                     "AIRLOCK_ENROLL_TOKEN": token, "AIRLOCK_CA_FILE": "/etc/airlock/ca.pem"})
         appliance.extra_volumes[str(ca)] = {"bind": "/etc/airlock/ca.pem", "mode": "ro"}
         appliance.start()

@@ -1,5 +1,6 @@
 """Runs survive the appliance's processes dying and the control plane going away, without losing or
-duplicating an event; a run's token reaches only that run, and only while it runs."""
+duplicating an event (a full spool makes the run worker wait, never drops a write); a run's token reaches only
+that run, and only while it runs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import time
 
 import pytest
 
-from tests.integration.stack import ControlPlane, launch, run_containers, status, wait, wait_terminal
+from tests.integration.stack import (
+    SPOOL_MAX_BYTES,
+    ControlPlane,
+    launch,
+    run_containers,
+    status,
+    wait,
+    wait_terminal,
+)
 
 EVENTS = """query($id: ID!) { logsForRun(runId: $id, limit: 20000) { ... on EventConnection { events {
   __typename ... on MessageEvent { message stepKey timestamp } } } } }"""
@@ -95,7 +104,10 @@ def test_a_control_plane_outage_of_60_s_mid_run_loses_and_duplicates_nothing(loa
     code, left = appliance.exec("sh", "-c", "ls /var/lib/airlock/spool | wc -l", user="airlock-agent")
     assert code == 0 and left.strip() == "0", left
     assert spooled > 0, "nothing was spooled while the control plane was down"
-    print(f"control plane down 60 s mid-run: SUCCESS; spool held up to {spooled} bytes; 0 lost, 0 twice")
+    waited = appliance.logs().count(f"spool full: run {run_id} waits")
+    assert waited > 0, f"the {SPOOL_MAX_BYTES}-byte spool never filled: backpressure was not exercised"
+    print(f"control plane down 60 s mid-run: SUCCESS; spool held up to {spooled} bytes (bound {SPOOL_MAX_BYTES}), "
+          f"the worker was told to wait {waited} times; 0 lost, 0 twice")
 
 
 def _in_run(container, script: str) -> dict:

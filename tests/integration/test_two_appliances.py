@@ -14,7 +14,7 @@ from tests import harness
 from tests.integration.stack import launch, wait, wait_terminal
 
 LOCATION = """query($name: String!) { workspaceLocationEntryOrError(name: $name) { __typename
-  ... on WorkspaceLocationEntry { locationOrLoadError { __typename ... on PythonError { message }
+  ... on WorkspaceLocationEntry { locationOrLoadError { __typename ... on PythonError { message causes { message } }
     ... on RepositoryLocation { name } } } } }"""
 RELOAD = """mutation($name: String!) { reloadRepositoryLocation(repositoryLocationName: $name) { __typename
   ... on WorkspaceLocationEntry { locationOrLoadError { __typename ... on PythonError { message } } } } }"""
@@ -23,7 +23,8 @@ RELOAD = """mutation($name: String!) { reloadRepositoryLocation(repositoryLocati
 def _state(cp, name: str) -> tuple[str, str]:
     entry = cp.graphql(LOCATION, {"name": name})["workspaceLocationEntryOrError"]
     location = (entry.get("locationOrLoadError") or {}) if entry.get("__typename") == "WorkspaceLocationEntry" else {}
-    return location.get("__typename", entry.get("__typename")), location.get("message", "")
+    messages = [location.get("message", "")] + [c["message"] for c in location.get("causes") or []]
+    return location.get("__typename", entry.get("__typename")), "\n".join(m for m in messages if m)
 
 
 def readme_docker_run(appliance_id: str, queue: str, image: str) -> str:
@@ -77,9 +78,13 @@ def test_each_location_is_served_by_the_appliance_of_its_queue_and_one_down_leav
         assert all(c.labels.get("airlock.appliance-id") == second.appliance_id for c in placed)
 
         second.container.stop(timeout=20)
-        message = wait("example-gpu unavailable with the reason", lambda: _reloaded(cp, "example-gpu")[1], 120)
-        print(message[:300])
-        assert "no agent serving queue 'gpu'" in message
+        # Unavailable at once (calls time out); with the reason once its last heartbeat is over 30 s old.
+        def unavailable_with_reason() -> str | None:
+            text = _reloaded(cp, "example-gpu")[1]
+            return text if "no agent serving queue 'gpu'" in text else None
+
+        message = wait("example-gpu unavailable with the reason", unavailable_with_reason, 120)
+        print(message[:600])
         assert _reloaded(cp, "example")[0] == "RepositoryLocation"
         assert wait_terminal(cp, launch(cp, "numbers_job")) == "SUCCESS"  # the other appliance keeps running
     finally:

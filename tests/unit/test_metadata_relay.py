@@ -86,6 +86,17 @@ def test_spool_full_is_backpressure_and_frees_up_as_writes_are_forwarded(tmp_pat
     spool.append(RUN, "example", _record(appended + 1))
 
 
+def test_a_batch_bigger_than_the_bound_still_goes_into_an_empty_spool(tmp_path: Path) -> None:
+    """Else a single large write (a compute log chunk) could never be spooled: it waits only behind others."""
+    spool = Spool(tmp_path, max_bytes=100)
+    big = [_record(n) for n in range(1, 11)]  # ~700 bytes
+    spool.append_many(RUN, "example", big)
+    with pytest.raises(SpoolFull):
+        spool.append(RUN, "example", _record(11))
+    spool.ack(RUN, spool.read_batch(RUN).end)
+    spool.append_many(RUN, "example", big)
+
+
 def test_an_ended_runs_files_go_once_everything_is_forwarded(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.append(RUN, "example", _record(1))
@@ -230,8 +241,10 @@ def test_spool_full_answers_503(relay, tmp_path: Path) -> None:
     state, worker, _ = relay
     state.spool.max_bytes = 10
     headers = {"Authorization": f"Bearer {state.tokens.mint(RunScope(RUN, 'example'))}"}
-    response = worker.post("/v1/write", json=_body(1), headers=headers)
+    assert worker.post("/v1/write", json=_body(1), headers=headers).status_code == 200  # an empty spool takes it
+    response = worker.post("/v1/write", json=_body(2), headers=headers)
     assert response.status_code == 503 and "limit 10" in response.json()["error"]
+    assert [r["seq"] for r in state.spool.read_batch(RUN).records] == [1]
 
 
 def test_the_agents_exit_report_is_spooled_behind_the_runs_writes_and_revokes_the_token(relay) -> None:
