@@ -32,7 +32,8 @@ from protocol.storage_codec import decode, encode
 
 __all__ = ["RelayClient", "RelayUnavailable", "client_from_env"]
 
-TOKEN_ENV = "AIRLOCK_RUN_TOKEN"
+TOKEN_ENV = "AIRLOCK_RUN_TOKEN"  # a run container's token: its own run's writes and reads
+LOCATION_TOKEN_ENV = "AIRLOCK_LOCATION_TOKEN"  # a code server's: reads for its sensors and schedules
 URL_ENV = "AIRLOCK_METADATA_URL"
 Send = Callable[[str, dict[str, Any]], dict[str, Any]]  # (path, JSON body) -> JSON answer
 
@@ -187,8 +188,9 @@ def http_sender(url: str, token: str) -> Send:
 @functools.cache
 def client_from_env(url: str | None = None) -> RelayClient:
     """One client per process and URL: the three storages share its sequence numbers."""
-    token = os.environ.get(TOKEN_ENV, "")
+    token = os.environ.get(TOKEN_ENV) or os.environ.get(LOCATION_TOKEN_ENV, "")
     url = url or os.environ.get(URL_ENV, "")
     if not token or not url:
-        raise RelayUnavailable(f"{URL_ENV} and {TOKEN_ENV} must be set in a run container")
+        raise RelayUnavailable(f"{URL_ENV} and {TOKEN_ENV} (a run) or {LOCATION_TOKEN_ENV} (a code server) must be "
+                               "set: this container has no storage")
     return RelayClient(http_sender(url, token))

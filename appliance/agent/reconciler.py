@@ -9,6 +9,7 @@ backoff; a location in ERROR is retried, never pinned there.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -48,6 +49,7 @@ class Reconciler:
     appliance_container: str
     egress_routes: str
     egress_port: int
+    location_token: Callable[[str], str] | None = None  # connected mode: a code server's read-only token
     backoff: Backoff = field(default_factory=Backoff)
     statuses: dict[str, LocationStatus] = field(default_factory=dict)
     _known: set[str] = field(default_factory=set)  # container ids this process has seen
@@ -62,8 +64,9 @@ class Reconciler:
                 self.engine.attach(network, self.appliance_container)
                 subnets[name] = self.engine.subnets(network)
                 image_id = self.engine.resolve_image(location.image)
+                token = self.location_token(name) if self.location_token else None
                 specs[name] = code_server_spec(location, self.policy, appliance_id=self.engine.appliance_id,
-                                               image_id=image_id, egress_port=self.egress_port)
+                                               image_id=image_id, egress_port=self.egress_port, storage_token=token)
             except LauncherError as exc:
                 self._set(name, State.ERROR, error=str(exc))
                 self.backoff.failed(name)

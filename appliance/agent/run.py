@@ -147,7 +147,9 @@ def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, st
     log.info("agent %s connected to %s as %s (queues %s)", settings.appliance_id, settings.control_plane_url,
              enrollment.agent_id, ",".join(settings.queues))
     desired = DesiredLocations(settings.state_dir, policy)
-    runs = RunManager(reconciler.engine, policy, RunTokens.load_or_create(settings.state_dir),
+    tokens = RunTokens.load_or_create(settings.state_dir)
+    reconciler.location_token = tokens.mint_location  # code servers read through the relay (sensors, schedules)
+    runs = RunManager(reconciler.engine, policy, tokens,
                       RelayControl(settings.metadata_control_socket), lambda: desired.locations, settings.egress_port)
     agent = ConnectedAgent(
         client, reconciler, desired, queues=list(settings.queues),

@@ -18,6 +18,7 @@ from protocol.dagster_grpc import DEFAULT_PORT
 EGRESS_ALIAS = "airlock-egress"  # the appliance's DNS names on every location network
 METADATA_ALIAS = "airlock-metadata"
 METADATA_PORT = 7070
+METADATA_URL = f"http://{METADATA_ALIAS}:{METADATA_PORT}"
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,15 @@ def _location_env(location: Location, egress_port: int) -> dict[str, str]:
 
 
 def code_server_spec(location: Location, policy: Policy, *, appliance_id: str, image_id: str,
-                     egress_port: int) -> ContainerSpec:
-    """A code server: `dagster api grpc` for one location, on that location's internal network."""
+                     egress_port: int, storage_token: str | None = None) -> ContainerSpec:
+    """A code server: `dagster api grpc` for one location, on that location's internal network.
+
+    With `storage_token` (connected mode: a read-only location token), sensors and schedules evaluated
+    here get an instance whose storage reads go through the metadata relay."""
     target = ["--module-name", location.module] if location.module else ["--package-name", str(location.package)]
     env = _location_env(location, egress_port)
+    if storage_token:
+        env |= {"AIRLOCK_METADATA_URL": METADATA_URL, "AIRLOCK_LOCATION_TOKEN": storage_token}
     network = network_name(appliance_id, location.name)
     kwargs: dict[str, Any] = {
         "image": image_id,
@@ -121,10 +127,7 @@ def run_spec(location: Location, policy: Policy, *, appliance_id: str, image_id:
     Its storage goes to the appliance's metadata relay with `token`, a capability for this run only; the
     container gets nothing else of the appliance's (no key, no Docker socket, no state volume).
     """
-    env = _location_env(location, egress_port) | {
-        "AIRLOCK_METADATA_URL": f"http://{METADATA_ALIAS}:{METADATA_PORT}",
-        "AIRLOCK_RUN_TOKEN": token,
-    }
+    env = _location_env(location, egress_port) | {"AIRLOCK_METADATA_URL": METADATA_URL, "AIRLOCK_RUN_TOKEN": token}
     kwargs: dict[str, Any] = {
         "image": image_id,
         "command": ["dagster", "api", "execute_run", execute_run_args],

@@ -118,6 +118,9 @@ def worker_app(state: RelayState) -> Starlette:
         except ValueError as exc:
             log.warning("refused a %s of run %s: %s", mode, scope.run_id, exc)
             return _error(400, str(exc))
+        if mode == "write" and scope.location_wide:
+            log.warning("refused a write with the location token of %s", scope.location)
+            return _error(403, "a location token may only read")
         if mode == "write":
             try:
                 await asyncio.to_thread(state.spool.append_many, scope.run_id, scope.location, writes)

@@ -1,9 +1,12 @@
-"""Per-run capability tokens: `v1.<run id>.<location>.<mac>`, an HMAC-SHA256 over the rest.
+"""Capability tokens for user containers: `v1.<run id>.<location>.<mac>`, an HMAC-SHA256 over the rest.
 
-The agent mints one at launch and puts it in the run container's environment; the relay verifies it on each
-call. The MAC key lives in the appliance's state volume (0600), shared by the agent and the relay, so no
-token table is needed and a relay restart loses nothing. A token is scoped to one run of one location and
-is revoked for good when the run's container ends (a marker file per run, also in the state volume).
+A run token (one run of one location) is minted by the agent at launch and put in the run container's
+environment. A location token (run id `*`) goes to the location's code server: it may only read, what the
+control plane allows a location's sensors and schedules to read (its own runs, asset state). The relay
+verifies either on each call. The MAC key lives in the appliance's state volume (0600), shared by the agent
+and the relay, so no token table is needed and a relay restart loses nothing. A run token is revoked for good
+when the run's container ends (a marker file per run, also in the state volume); a location token lasts as
+long as the key.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunScope", "RunTokens", "TokenRefused"]
+__all__ = ["LOCATION_WIDE", "RunScope", "RunTokens", "TokenRefused"]
 
 KEY_FILE = "run-token.key"
+LOCATION_WIDE = "*"  # the run id of a location token: no run, reads only
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # no dots: they separate the token's parts
 
 
@@ -29,8 +33,12 @@ class TokenRefused(PermissionError):
 
 @dataclass(frozen=True)
 class RunScope:
-    run_id: str
+    run_id: str  # LOCATION_WIDE for a location token
     location: str
+
+    @property
+    def location_wide(self) -> bool:
+        return self.run_id == LOCATION_WIDE
 
 
 class RunTokens:
@@ -54,9 +62,8 @@ class RunTokens:
         return cls(key, Path(state_dir) / "runs-ended")
 
     def mint(self, scope: RunScope) -> str:
-        for value in (scope.run_id, scope.location):
-            if not _NAME.fullmatch(value):
-                raise ValueError(f"{value!r} cannot be part of a run token")
+        if not _NAME.fullmatch(scope.location) or not (scope.location_wide or _NAME.fullmatch(scope.run_id)):
+            raise ValueError(f"{scope} cannot be put in a token")
         body = f"v1.{scope.run_id}.{scope.location}"
         return f"{body}.{self._mac(body)}"
 
@@ -71,6 +78,10 @@ class RunTokens:
         if self.is_revoked(scope.run_id):
             raise TokenRefused(f"run {scope.run_id} has ended; its token is revoked")
         return scope
+
+    def mint_location(self, location: str) -> str:
+        """The read-only token of a location's code server (deterministic: the same after a restart)."""
+        return self.mint(RunScope(run_id=LOCATION_WIDE, location=location))
 
     def revoke(self, run_id: str) -> None:
         if _NAME.fullmatch(run_id):

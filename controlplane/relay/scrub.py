@@ -3,8 +3,10 @@
 Schedule, sensor, partition and execution-plan requests from the daemon and webserver carry the control
 plane's own `InstanceRef` (its storage paths, and for Postgres its connection settings). Relaying those
 bytes untouched would hand them to user code. Before a call is queued, the relay decodes the request's
-serialized arguments with Dagster's serdes (never pickle), drops `instance_ref`, and re-encodes them.
-User code then evaluates without an instance handle; the runs issue hands it a userland one instead.
+serialized arguments with Dagster's serdes (never pickle) and puts the userland ref in its place
+(controlplane/runs/instance_ref.py: class names only). The code server opens it with its location token, so
+a sensor or schedule that reads the instance reads through the appliance's relay, within what a location
+may read.
 
 Dagster is imported lazily: it is installed in the control plane image, where the relay runs.
 """
@@ -29,20 +31,20 @@ class ScrubError(ValueError):
     """The request's arguments could not be decoded; it is refused rather than relayed with the ref."""
 
 
-def _without_instance_ref(args: Any) -> Any:
+def _with_instance_ref(args: Any, ref: Any) -> Any:
     """A copy built through the type's own constructor, so its checks run on the new value."""
     from dagster._record import copy  # Dagster's @record / IHaveNew argument types
 
     try:
-        return copy(args, instance_ref=None)
+        return copy(args, instance_ref=ref)
     except (TypeError, AttributeError, KeyError):
         if dataclasses.is_dataclass(args):
-            return dataclasses.replace(args, instance_ref=None)  # type: ignore[type-var]
-        return args._replace(instance_ref=None)  # a plain NamedTuple
+            return dataclasses.replace(args, instance_ref=ref)  # type: ignore[type-var]
+        return args._replace(instance_ref=ref)  # a plain NamedTuple
 
 
 def scrub_instance_ref(method: str, request: bytes) -> bytes:
-    """The request with any InstanceRef removed; other methods pass through unchanged."""
+    """The request with its InstanceRef replaced by the userland one; other methods pass through unchanged."""
     if method not in CARRIES_INSTANCE_REF:
         return request
     import dagster._grpc.types  # noqa: F401 - registers the argument types with serdes
@@ -54,4 +56,6 @@ def scrub_instance_ref(method: str, request: bytes) -> bytes:
         raise ScrubError(f"cannot decode the arguments of {method}: {exc}") from exc
     if getattr(args, "instance_ref", None) is None:
         return request
-    return encode_echo(serialize_value(_without_instance_ref(args)))
+    from controlplane.runs.instance_ref import userland_instance_ref
+
+    return encode_echo(serialize_value(_with_instance_ref(args, userland_instance_ref())))

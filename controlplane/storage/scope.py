@@ -15,15 +15,23 @@ from typing import Any
 
 from protocol.storage_calls import StorageCallRefused
 
-__all__ = ["Scope", "check"]
+__all__ = ["LOCATION_WIDE", "Scope", "check", "only_own_runs"]
+
+
+LOCATION_WIDE = "*"  # the run id of a location token (a code server: its sensors and schedules)
 
 
 @dataclass(frozen=True)
 class Scope:
-    """What the metadata relay vouched for: the run (and its location) whose token made the call."""
+    """What the metadata relay vouched for: the run (and its location) whose token made the call, or the
+    location alone (run id LOCATION_WIDE) for a code server's read-only token."""
 
     run_id: str
     location: str
+
+    @property
+    def location_wide(self) -> bool:
+        return self.run_id == LOCATION_WIDE
 
 
 Bound = Mapping[str, Any]
@@ -133,12 +141,46 @@ CHECKS: dict[str, Check] = {
 }
 
 
+def _run_of_location(name: str) -> Check:
+    def check(scope: Scope, bound: Bound, instance: Any) -> None:
+        run = instance.get_run_by_id(bound.get(name)) if isinstance(bound.get(name), str) else None
+        if run is None or _location_of(run) != scope.location:
+            _refuse(f"{name}={bound.get(name)!r} is not a run of location {scope.location!r}")
+
+    return check
+
+
+def _location_of(run: Any) -> str | None:
+    origin = getattr(run, "remote_job_origin", None)
+    return origin.location_name if origin is not None else None
+
+
+# A location token reads what sensors and schedules need: asset state (as a run does), and its own runs and
+# their events. Run lists are filtered to the location after the call (see only_own_runs); nothing is written.
+LOCATION_CHECKS: dict[str, Check] = {
+    **{method: rule for method, rule in CHECKS.items() if rule is _anything},
+    "events.get_event_records": _asset_events,
+    "runs.get_runs": _anything,
+    "runs.get_run_records": _anything,
+    "events.get_records_for_run": _run_of_location("run_id"),
+    "runs.get_run_tags": _anything,
+}
+FILTERED_FOR_LOCATION = frozenset({"runs.get_runs", "runs.get_run_records"})
+
+
+def only_own_runs(scope: Scope, method: str, result: Any) -> Any:
+    """A location token's run listing, cut to the runs of its own location."""
+    if not scope.location_wide or method not in FILTERED_FOR_LOCATION:
+        return result
+    return [item for item in result if _location_of(getattr(item, "dagster_run", item)) == scope.location]
+
+
 def check(scope: Scope, method: str, target: Callable[..., Any], args: list[Any], kwargs: dict[str, Any],
           instance: Any) -> None:
     """Raise StorageCallRefused unless `method(*args, **kwargs)` stays inside `scope`."""
-    rule = CHECKS.get(method)
+    rule = (LOCATION_CHECKS if scope.location_wide else CHECKS).get(method)
     if rule is None:
-        _refuse(f"{method} is not allowed for a run token")
+        _refuse(f"{method} is not allowed for a {'location' if scope.location_wide else 'run'} token")
     try:
         bound = inspect.signature(target).bind(*args, **kwargs)
     except TypeError as exc:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from controlplane.storage.scope import Scope
+from controlplane.storage.scope import LOCATION_WIDE, Scope
 from protocol.storage_calls import CodecError, StorageCallRefused
 
 if TYPE_CHECKING:
@@ -135,6 +135,9 @@ class StorageService:
         reason = None
         if not self.serves(agent, location):
             reason = f"agent {agent.id} does not serve location {location!r}"
+        elif run_id == LOCATION_WIDE:
+            if operation != "storageCall":
+                reason = f"a location token of {location!r} may only read"
         else:
             run = self.executor.instance.get_run_by_id(run_id)
             origin = getattr(run, "remote_job_origin", None) if run else None

@@ -29,7 +29,7 @@ def test_webserver_shows_the_location_loaded_with_its_definitions(stack) -> None
     assert {"numbers_job", "assets_job"} <= {j["name"] for j in repo["jobs"]}
     assert {tuple(a["assetKey"]["path"]) for a in repo["assetNodes"]} == {("raw_numbers",), ("squares",), ("summary",)}
     assert sorted(s["name"] for s in repo["schedules"]) == ["every_five_minutes", "every_minute"]
-    assert [s["name"] for s in repo["sensors"]] == ["new_numbers_sensor"]
+    assert sorted(s["name"] for s in repo["sensors"]) == ["asset_watch_sensor", "new_numbers_sensor"]
 
 
 def test_separate_networks_and_nothing_reaches_the_appliance(stack) -> None:

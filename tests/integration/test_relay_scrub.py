@@ -1,4 +1,4 @@
-"""The relay strips the control plane's InstanceRef before a call is queued for the user side.
+"""The relay swaps the control plane's InstanceRef for the userland one before a call is queued for the user side.
 Runs inside the control plane image, where Dagster (and so serdes) is installed."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ for method, args in [  # the daemon calls the unary Sync* forms; the streaming o
     scrubbed = deserialize_value(decode_echo(scrub_instance_ref(method, sent)))
     out[method] = {"before_has_path": "/var/lib/airlock-cp" in decode_echo(sent),
                    "after_has_path": "/var/lib/airlock-cp" in serialize_value(scrubbed),
-                   "instance_ref": scrubbed.instance_ref is None,
+                   "instance_ref": scrubbed.instance_ref.run_storage_data.class_name == "RelayRunStorage",
                    "kept": getattr(scrubbed, "cursor", None) or getattr(scrubbed, "schedule_name", None)}
 untouched = b"\x0a\x03abc"
 out["other"] = scrub_instance_ref("/api.DagsterApi/Ping", untouched) == untouched

@@ -89,11 +89,29 @@ SCHEDULE_TICKS = """query($s: ScheduleSelector!) { scheduleOrError(scheduleSelec
   ... on Schedule { scheduleState { ticks(limit: 5) { status runIds error { message } } } } } }"""
 
 
-def test_a_schedule_tick_launches_a_run_that_succeeds(loaded) -> None:
+WATCH = {"repositoryLocationName": "example", "repositoryName": "__repository__", "sensorName": "asset_watch_sensor"}
+START_SENSOR = """mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename
+  ... on Sensor { sensorState { id } } ... on PythonError { message } } }"""
+STOP_SENSOR = """mutation($id: String!) { stopSensor(id: $id) { __typename } }"""
+SENSOR_TICKS = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { __typename
+  ... on Sensor { sensorState { ticks(limit: 5) { status skipReason error { message } } } } } }"""
+
+
+def test_a_schedule_tick_launches_a_run_and_a_sensor_reads_the_instance_through_the_relay(loaded) -> None:
+    """Both evaluate in the code server with the userland instance (the relay swapped the control plane's ref),
+    which reads through the appliance with the location's read-only token."""
     cp, _ = loaded
     started = cp.graphql(START_SCHEDULE, {"s": SCHEDULE})["startSchedule"]
     assert started["__typename"] == "ScheduleStateResult", started
+    watching = cp.graphql(START_SENSOR, {"s": WATCH})["startSensor"]
+    assert watching["__typename"] == "Sensor", watching
     try:
+        def watched() -> str | None:
+            ticks = cp.graphql(SENSOR_TICKS, {"s": WATCH})["sensorOrError"]["sensorState"]["ticks"]
+            failed = [t for t in ticks if t["status"] == "FAILURE"]
+            assert not failed, f"a sensor tick failed: {failed[0]['error']}"
+            return next((t["skipReason"] for t in ticks if t["status"] == "SKIPPED"), None)
+
         def ticked_run() -> str | None:
             ticks = cp.graphql(SCHEDULE_TICKS, {"s": SCHEDULE})["scheduleOrError"]["scheduleState"]["ticks"]
             failed = [t for t in ticks if t["status"] == "FAILURE"]
@@ -101,7 +119,12 @@ def test_a_schedule_tick_launches_a_run_that_succeeds(loaded) -> None:
             return next((t["runIds"][0] for t in ticks if t["runIds"]), None)
 
         # The daemon re-reads the workspace about once a minute, then waits for the next minute: up to ~2 min.
+        reason = wait("a sensor tick that read the instance", watched, 180)
+        print(reason)
+        runs = int(reason.split("watching: ")[1].split()[0])
+        assert runs > 0 and "raw_numbers last materialized by run" in reason, reason  # earlier tests' runs
         run_id = wait("a schedule tick with a run", ticked_run, 180)
     finally:
         cp.graphql(STOP_SCHEDULE, {"id": started["scheduleState"]["id"]})
+        cp.graphql(STOP_SENSOR, {"id": watching["sensorState"]["id"]})
     assert wait_terminal(cp, run_id) == "SUCCESS"

@@ -264,3 +264,19 @@ def test_the_agents_exit_report_is_spooled_behind_the_runs_writes_and_revokes_th
     # A second report (an agent that restarted before removing the container) adds nothing.
     assert control.post(f"/control/runs/{RUN}/exited", json=report).status_code == 200
     assert state.spool.pending_of(RUN) == 0
+
+
+def test_a_location_token_reads_but_never_writes(relay) -> None:
+    state, worker, _ = relay
+    token = state.tokens.mint_location("example")
+    assert state.tokens.verify(token) == RunScope("*", "example") and state.tokens.verify(token).location_wide
+    assert token == state.tokens.mint_location("example")  # deterministic: the code server keeps it
+    headers = {"Authorization": f"Bearer {token}"}
+    refused = worker.post("/v1/write", json=_body(1), headers=headers)
+    assert refused.status_code == 403 and "may only read" in refused.json()["error"]
+    assert state.spool.pending_runs() == []
+    answered = worker.post("/v1/call", json=_body(2, method="runs.get_run_records"), headers=headers)
+    assert answered.status_code == 200 and state.upstream.calls[-1][0] == RunScope("*", "example")
+    forged = token.rsplit(".", 1)[0].replace("example", "other") + "." + token.rsplit(".", 1)[1]
+    assert worker.post("/v1/call", json=_body(3, method="runs.get_run_records"),
+                       headers={"Authorization": f"Bearer {forged}"}).status_code == 401

@@ -190,6 +190,36 @@ def test_a_run_token_cannot_reach_another_runs_data_but_can_its_own(control_plan
     assert len(control_plane.all_logs(other.run_id)) == 0  # nothing of the refused writes landed
 
 
+def test_a_location_token_reads_its_own_runs_and_asset_state_and_writes_nothing(control_plane: DagsterInstance,
+                                                                             service) -> None:
+    from dagster._core.events.log import EventLogEntry
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    _, mine = _run_for(control_plane, "numbers_job")
+    foreign = control_plane.add_run(DagsterRun(job_name="numbers_job", run_id="f" * 32))  # no origin: another's
+    executor, scope = StorageExecutor(control_plane), Scope("*", "example")
+
+    def call(method: str, *args: Any, **kwargs: Any) -> Any:
+        return decode(executor.execute(scope, method, encode(list(args)), encode(kwargs)))
+
+    records = call("runs.get_run_records", RunsFilter())
+    assert [r.dagster_run.run_id for r in records] == [mine.run_id]  # the other location's run is cut out
+    assert [r.run_id for r in call("runs.get_runs", RunsFilter())] == [mine.run_id]
+    assert call("events.get_records_for_run", mine.run_id) is not None
+    assert call("events.get_asset_records") == []
+    with pytest.raises(StorageCallRefused, match="not a run of location"):
+        call("events.get_records_for_run", foreign.run_id)
+    with pytest.raises(StorageCallRefused, match="not allowed for a location token"):
+        call("events.store_event", EventLogEntry(error_info=None, level=20, user_message="x", run_id=mine.run_id,
+                                                 timestamp=1.0))
+    with pytest.raises(StorageCallRefused, match="not allowed for a location token"):
+        call("runs.get_execution_plan_snapshot", mine.execution_plan_snapshot_id)
+    svc, audits = service
+    out = svc.write(AGENT, "k", "*", "example", [{"method": "runs.add_run_tags", "client": "c", "seq": 1,
+                                                   "args": encode([mine.run_id, {"a": "b"}]), "kwargs": encode({})}])
+    assert out["accepted"] == 0 and "may only read" in out["refused"][0]["error"] and audits
+
+
 def test_compute_log_keys_stay_under_the_run(control_plane: DagsterInstance) -> None:
     _, run = _run_for(control_plane, "numbers_job")
     executor, scope = StorageExecutor(control_plane), Scope(run.run_id, "example")
@@ -296,3 +326,31 @@ def test_an_exit_report_fails_a_run_that_had_not_ended_with_the_oom_reason(servi
     failure = next(e for e in control_plane.all_logs(run.run_id)
                    if e.dagster_event_type == DagsterEventType.RUN_FAILURE)
     assert "exited with code 137" in failure.message and "OOM-killed" in failure.message
+
+
+def test_the_relay_hands_user_code_the_userland_ref_never_the_control_planes(tmp_path: Path) -> None:
+    from dagster._core.instance.ref import InstanceRef
+    from dagster._core.remote_origin import GrpcServerCodeLocationOrigin, RemoteRepositoryOrigin
+    from dagster._grpc.types import ExternalScheduleExecutionArgs, SensorExecutionArgs
+    from dagster._serdes import deserialize_value, serialize_value
+
+    from controlplane.relay.scrub import CARRIES_INSTANCE_REF, scrub_instance_ref
+    from protocol.dagster_grpc import decode_echo, encode_echo
+
+    (tmp_path / "control-plane-secret-path").mkdir()
+    ref = InstanceRef.from_dir(str(tmp_path / "control-plane-secret-path"))
+    origin = RemoteRepositoryOrigin(GrpcServerCodeLocationOrigin(host="h", port=1, location_name="example"), "r")
+    for method, args in [
+        ("SyncExternalSensorExecution", SensorExecutionArgs(repository_origin=origin, instance_ref=ref,
+                                                            sensor_name="s", cursor="7")),
+        ("SyncExternalScheduleExecution", ExternalScheduleExecutionArgs(
+            repository_origin=origin, instance_ref=ref, schedule_name="sch", scheduled_execution_timestamp=None,
+            log_key=None)),
+    ]:
+        method = f"/api.DagsterApi/{method}"
+        assert method in CARRIES_INSTANCE_REF
+        out = decode_echo(scrub_instance_ref(method, encode_echo(serialize_value(args))))
+        assert "control-plane-secret-path" not in out
+        scrubbed = deserialize_value(out)
+        assert scrubbed.instance_ref.run_storage_data.class_name == "RelayRunStorage"
+        assert scrubbed.repository_origin == origin

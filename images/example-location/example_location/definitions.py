@@ -5,6 +5,8 @@
 - ``every_five_minutes``: a schedule for ``numbers_job``; ``every_minute`` one for ``assets_job`` (both off until
   started).
 - ``new_numbers_sensor``: a sensor that keeps a cursor (the last batch it saw) and requests a run per batch.
+- ``asset_watch_sensor``: a sensor that reads the instance (this location's runs, the latest materialization of
+  ``raw_numbers``) and says what it saw in its skip reason; it never requests a run.
 - ``sleepy_job``, ``hungry_job`` and ``chatty_job``: for trying termination, the memory limit and event
   throughput (a run that waits; one that allocates until the container's memory limit stops it; one that logs
   ``count`` events, ``interval`` seconds apart).
@@ -117,9 +119,18 @@ def hungry_job() -> None:
     allocate_until_stopped()
 
 
+@dg.sensor(job=assets_job, minimum_interval_seconds=30)
+def asset_watch_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    """In airlock the instance here reads through the appliance's relay with the location's read-only token."""
+    runs = context.instance.get_run_records(dg.RunsFilter(), limit=100)
+    latest = context.instance.get_latest_materialization_event(dg.AssetKey("raw_numbers"))
+    return dg.SkipReason(f"watching: {len(runs)} runs of this location; raw_numbers "
+                         + (f"last materialized by run {latest.run_id}" if latest else "never materialized"))
+
+
 defs = dg.Definitions(
     assets=[raw_numbers, squares, summary],
     jobs=[numbers_job, assets_job, sleepy_job, hungry_job, chatty_job],
     schedules=[every_five_minutes, every_minute],
-    sensors=[new_numbers_sensor],
+    sensors=[new_numbers_sensor, asset_watch_sensor],
 )
