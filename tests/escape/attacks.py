@@ -241,5 +241,48 @@ def attack_environ():
     result(True, env=sorted(os.environ), mounts=mounts)
 
 
+def attack_i386_socketcall():
+    """An AF_ALG socket through the 32-bit ABI (`int 0x80`, socketcall(SYS_SOCKET)) from this 64-bit process.
+
+    socketcall passes the address family behind a pointer seccomp cannot read, so only refusing the i386 ABI
+    itself closes it. The machine code runs in a forked child: a refused ABI may kill the thread (SIGSYS)."""
+    import mmap
+    import signal
+    import struct
+
+    if os.uname().machine != "x86_64":
+        return result(False, skipped="not x86_64")
+    map_32bit = 0x40  # MAP_32BIT: int 0x80 sees only the low 32 bits of a pointer
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    page = libc.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | map_32bit, -1, 0)
+    if page in (None, ctypes.c_void_p(-1).value):
+        return result(False, error="mmap", errno=ctypes.get_errno())
+    args = page + 256
+    ctypes.memmove(args, struct.pack("<III", 38, 5, 0), 12)  # AF_ALG, SOCK_SEQPACKET, 0
+    code = (b"\x53"  # push rbx (callee-saved)
+            + b"\xb8" + struct.pack("<I", 102)  # mov eax, 102 (i386 socketcall)
+            + b"\xbb" + struct.pack("<I", 1)  # mov ebx, 1 (SYS_SOCKET)
+            + b"\xb9" + struct.pack("<I", args)  # mov ecx, args
+            + b"\xcd\x80"  # int 0x80
+            + b"\x5b\xc3")  # pop rbx; ret
+    ctypes.memmove(page, code, len(code))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        ret = ctypes.CFUNCTYPE(ctypes.c_int)(page)()
+        os.write(write_end, str(ret).encode())
+        os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    out = os.read(read_end, 32).decode()
+    if os.WIFSIGNALED(status):
+        return result(False, killed_by=signal.Signals(os.WTERMSIG(status)).name)
+    ret = int(out)
+    # A running socketcall gives a socket, or EAFNOSUPPORT on a kernel without AF_ALG; refused gives EPERM/ENOSYS.
+    result(ret >= 0 or ret == -errno.EAFNOSUPPORT, ret=ret, error=errno.errorcode.get(-ret, "") if ret < 0 else "")
+
+
 if __name__ == "__main__":
     globals()["attack_" + sys.argv[1]](*sys.argv[2:])

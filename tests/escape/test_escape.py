@@ -129,6 +129,17 @@ def test_syscall_refused_in_airlock_and_works_in_control(world: World, name: str
     assert allowed["ok"] is True, f"control container could not {name}: {allowed}"
 
 
+def test_32bit_abi_refused_in_airlock_and_runs_in_control(world: World) -> None:
+    """socketcall(2) through `int 0x80` hides the socket family from seccomp; airlock refuses the i386 ABI."""
+    blocked = attack(world.alpha, "i386_socketcall")
+    assert blocked["ok"] is False, blocked
+    assert blocked.get("killed_by") == "SIGSYS" or blocked.get("error") in ("EPERM", "ENOSYS"), blocked
+    allowed = control(world, "i386_socketcall")
+    assert allowed["ok"] is True, f"control container could not make an i386 socketcall: {allowed}"
+    docker_default = control(world, "i386_socketcall", security_opt=[])  # what Docker's own profile does
+    print(f"i386 socketcall: airlock {blocked}, unconfined {allowed}, Docker's default profile {docker_default}")
+
+
 def test_raw_socket_refused_without_net_raw(world: World) -> None:
     assert attack(world.alpha, "raw_socket")["ok"] is False
     assert control(world, "raw_socket")["ok"] is True
