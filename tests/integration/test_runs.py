@@ -60,6 +60,11 @@ def test_terminate_from_the_ui_cancels_within_the_grace_period(loaded) -> None:
     run_id = launch(cp, "sleepy_job", {"ops": {"wait_a_while": {"config": {"seconds": 600}}}})
     wait("sleepy run started", lambda: status(cp, run_id) == "STARTED", 120)
     wait("op sleeping", lambda: any("sleeping 600 s" in (e.get("message") or "") for e in events(cp, run_id)), 60)
+    # The running step's output is already viewable: compute logs stream while the step runs.
+    key = next(e["fileKey"] for e in events(cp, run_id) if e["__typename"] == "LogsCapturedEvent")
+    live = wait("the running step's output in the UI", lambda: cp.graphql(LOGS, {"key": [run_id, "compute_logs", key]})
+                ["capturedLogs"]["stderr"], 30)
+    assert "sleeping 600 s" in live and status(cp, run_id) == "STARTED"
     asked = time.monotonic()
     result = cp.graphql(TERMINATE, {"id": run_id})["terminateRun"]
     assert result["__typename"] == "TerminateRunSuccess", result

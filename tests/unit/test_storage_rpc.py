@@ -264,6 +264,42 @@ def test_a_compute_log_goes_up_in_chunks_that_land_at_their_offsets(control_plan
     assert served.read_text() == text
 
 
+def test_a_running_steps_output_goes_up_line_by_line_then_the_rest_at_the_end(control_plane: DagsterInstance,
+                                                                              tmp_path: Path) -> None:
+    from dagster._core.storage.compute_log_manager import ComputeIOType
+
+    from userland.compute_logs import RelayComputeLogManager, Upload
+
+    _, run = _run_for(control_plane, "numbers_job")
+    send = Loopback(StorageExecutor(control_plane), Scope(run.run_id, "example"))
+    uploads: list[dict[str, Any]] = []
+
+    def recording(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        uploads.extend(body.get("writes") or [body])
+        return send(path, body)
+
+    manager = RelayComputeLogManager(base_dir=str(tmp_path / "worker-logs"), client=RelayClient(recording))
+    key = [run.run_id, "compute_logs", "step"]
+    local = Path(manager.get_captured_local_path(key, "out"))
+    local.parent.mkdir(parents=True)
+    served = Path(control_plane.compute_log_manager.get_captured_local_path(key, "out"))
+    upload = Upload(manager, key, ComputeIOType.STDOUT)
+    with local.open("ab") as f:
+        f.write("first line ✓\nsecond, not fin".encode())
+        f.flush()
+        upload.send(final=False)
+        assert served.read_text() == "first line ✓\n"  # whole lines only while the step runs
+        assert not Path(control_plane.compute_log_manager.complete_artifact_path(key)).exists()
+        f.write(b"ished\nbad byte \xff here\n")
+        f.flush()
+        upload.send(final=False)
+        f.write(b"last, no newline")
+    upload.send(final=True)
+    assert served.read_text() == "first line ✓\nsecond, not finished\nbad byte \ufffd here\nlast, no newline"
+    assert Path(control_plane.compute_log_manager.complete_artifact_path(key)).exists()
+    assert [decode(u["kwargs"])["complete"] for u in uploads] == [False, False, True]
+
+
 # -- ingestion: once, in scope, audited; the agent's exit report -----------------------------------------------
 @pytest.fixture()
 def service(control_plane: DagsterInstance, tmp_path: Path):
