@@ -3,6 +3,7 @@
 The webserver never re-reads workspace.yaml on its own and keeps a location's load error until asked
 again. So whenever the registry changes, or an agent reports a location's state changed (heartbeat),
 re-render workspace.yaml and ask the webserver to reload. The daemon re-reads the file every ~60 s.
+Every few minutes it also purges the control plane's own bookkeeping past its retention (retention.py).
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ import logging
 import os
 import signal
 import threading
+import time
+
+import sqlalchemy as sa
 
 from controlplane.db import create_engine
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import Registry
+from controlplane.retention import Retention, purge
 from controlplane.settings import ControlPlaneSettings
+from controlplane.storage.service import metadata as storage_metadata
 from controlplane.workspace import WorkspaceReloadError, reload, render_workspace, write_workspace
 
 log = logging.getLogger("airlock.sync")
+PURGE_EVERY_SECONDS = 300.0
 
 
 def reported_states(store: AgentStore) -> tuple[tuple[str, str, str, str], ...]:
@@ -60,6 +67,8 @@ def main() -> None:
     store.create_schema()
     registry = Registry(engine, queue)
     registry.create_schema()
+    storage_metadata.create_all(engine)
+    retention, purged_at = Retention.from_env(), 0.0
     workspace = os.environ.get("AIRLOCK_CP_WORKSPACE", f"{settings.state_dir}/workspace.yaml")
     webserver = os.environ.get("AIRLOCK_CP_WEBSERVER_URL", "http://127.0.0.1:3000")
     stop = threading.Event()
@@ -68,6 +77,12 @@ def main() -> None:
     last = None
     while not stop.is_set():
         last = sync_once(registry, store, workspace, webserver, last)
+        if time.monotonic() - purged_at >= PURGE_EVERY_SECONDS:
+            try:
+                purge(engine, retention)
+            except sa.exc.SQLAlchemyError as exc:  # a locked database: next time
+                log.warning("purge failed, will retry: %s", exc)
+            purged_at = time.monotonic()
         stop.wait(3.0)
 
 
