@@ -235,11 +235,9 @@ def test_compute_log_keys_stay_under_the_run(control_plane: DagsterInstance) -> 
     assert text.startswith("x" * 1000) and "truncated at 1000 bytes" in text and len(text) < 1100
 
 
-def test_a_compute_log_goes_up_in_chunks_that_land_at_their_offsets(control_plane: DagsterInstance,
-                                                                      tmp_path: Path) -> None:
-    from dagster._core.storage.compute_log_manager import ComputeIOType
-
-    from userland.compute_logs import CHUNK_BYTES, RelayComputeLogManager
+def _worker_logs(control_plane: DagsterInstance, tmp_path: Path):
+    """A run worker's compute log manager, looped back to the control plane, recording every upload."""
+    from userland.compute_logs import RelayComputeLogManager
 
     _, run = _run_for(control_plane, "numbers_job")
     send = Loopback(StorageExecutor(control_plane), Scope(run.run_id, "example"))
@@ -250,7 +248,16 @@ def test_a_compute_log_goes_up_in_chunks_that_land_at_their_offsets(control_plan
         return send(path, body)
 
     manager = RelayComputeLogManager(base_dir=str(tmp_path / "worker-logs"), client=RelayClient(recording))
-    key = [run.run_id, "compute_logs", "step"]
+    return send, uploads, manager, [run.run_id, "compute_logs", "step"]
+
+
+def test_a_compute_log_goes_up_in_chunks_that_land_at_their_offsets(control_plane: DagsterInstance,
+                                                                      tmp_path: Path) -> None:
+    from dagster._core.storage.compute_log_manager import ComputeIOType
+
+    from userland.compute_logs import CHUNK_BYTES
+
+    send, uploads, manager, key = _worker_logs(control_plane, tmp_path)
     local = Path(manager.get_captured_local_path(key, "err"))
     local.parent.mkdir(parents=True)
     text = "".join(f"line {n}: héllo ✓\n" for n in range(40_000))  # ~800 kB, multi-byte characters
@@ -268,18 +275,9 @@ def test_a_running_steps_output_goes_up_line_by_line_then_the_rest_at_the_end(co
                                                                               tmp_path: Path) -> None:
     from dagster._core.storage.compute_log_manager import ComputeIOType
 
-    from userland.compute_logs import RelayComputeLogManager, Upload
+    from userland.compute_logs import Upload
 
-    _, run = _run_for(control_plane, "numbers_job")
-    send = Loopback(StorageExecutor(control_plane), Scope(run.run_id, "example"))
-    uploads: list[dict[str, Any]] = []
-
-    def recording(path: str, body: dict[str, Any]) -> dict[str, Any]:
-        uploads.extend(body.get("writes") or [body])
-        return send(path, body)
-
-    manager = RelayComputeLogManager(base_dir=str(tmp_path / "worker-logs"), client=RelayClient(recording))
-    key = [run.run_id, "compute_logs", "step"]
+    _, uploads, manager, key = _worker_logs(control_plane, tmp_path)
     local = Path(manager.get_captured_local_path(key, "out"))
     local.parent.mkdir(parents=True)
     served = Path(control_plane.compute_log_manager.get_captured_local_path(key, "out"))
