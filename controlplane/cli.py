@@ -1,6 +1,7 @@
 """`airlock-cp`: the control plane operator's tool for agents, the audit log and code locations.
 
-Every command opens the control plane database (`--db` or AIRLOCK_CP_DB), creates missing tables, does one
+Every command but `tls init` opens the control plane database (`--db`, or as controlplane/settings.py finds it:
+AIRLOCK_CP_DB, AIRLOCK_CP_POSTGRES_*, else SQLite in the state directory), creates missing tables, does one
 thing and exits. Bad input exits 2 with the field named (`location add: image: ... not pinned by digest`), as
 argparse does for bad flags; a failure after the registry changed (e.g. the webserver reload) exits 1.
 
@@ -28,9 +29,10 @@ from controlplane.db import create_engine
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import DEFAULT_PORT_RANGE, DEFAULT_QUEUE, LocationRecord, Registry
+from controlplane.settings import ControlPlaneSettings
+from controlplane.tls import create_tls, fingerprint, tls_files
 from controlplane.workspace import DEFAULT_RELAY_HOST, WorkspaceReloadError, reload, render_workspace, write_workspace
 
-DEFAULT_DB = "sqlite:////var/lib/airlock-cp/cp.db"
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -203,6 +205,31 @@ def _reload(ctx: _Context) -> int:
     return 0
 
 
+def cmd_tls_init(args: argparse.Namespace) -> int:
+    """The gateway's CA and certificate, made once by the operator; needs no database."""
+    files = tls_files(args.out)
+    present = [p.name for p in (files.ca_cert, files.cert, files.key) if p.exists()]
+    if present and not args.force:
+        raise PolicyError("tls init", "out", f"{args.out} already holds {', '.join(present)}; --force replaces them "
+                          "(every appliance then needs the new ca.pem)")
+    if not args.hostnames:
+        raise PolicyError("tls init", "hostnames", "give the names appliances reach the gateway by, e.g. "
+                          "--hostnames cp.example.internal,10.0.0.5 (or AIRLOCK_CP_TLS_HOSTNAMES)")
+    create_tls(args.out, list(args.hostnames), days=args.days)
+    print(f"CA certificate:      {files.ca_cert}  <- give this file to every appliance (AIRLOCK_CA_FILE)")
+    print(f"  sha256:            {fingerprint(files.ca_cert)}")
+    print(f"gateway certificate: {files.cert}  for {', '.join(args.hostnames)}, valid {args.days} days")
+    print(f"gateway key:         {files.key}  (0600; the CA's key was not kept)")
+    return 0
+
+
+def _hostnames(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no host; give e.g. cp.example.internal,10.0.0.5")
+    return names
+
+
 # -- parser -----------------------------------------------------------------------------------------------
 def _location_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("name")
@@ -221,8 +248,10 @@ def _location_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ
+    settings = ControlPlaneSettings.from_env()
     parser = argparse.ArgumentParser(prog="airlock-cp", description="airlock control plane administration")
-    parser.add_argument("--db", default=env.get("AIRLOCK_CP_DB", DEFAULT_DB), help="SQLAlchemy URL (AIRLOCK_CP_DB)")
+    parser.add_argument("--db", default=settings.database_url,
+                        help="SQLAlchemy URL (AIRLOCK_CP_DB, else AIRLOCK_CP_POSTGRES_*, else SQLite in the state dir)")
     ports = env.get("AIRLOCK_CP_RELAY_PORTS", "{}-{}".format(*DEFAULT_PORT_RANGE))
     parser.add_argument("--relay-ports", type=_port_range, default=ports,
                         help="range relay ports are allocated from (AIRLOCK_CP_RELAY_PORTS)")
@@ -275,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--reload", action="store_true", help="then ask --webserver-url to reload it")
     p.set_defaults(func=cmd_workspace_render)
+
+    tls = sub.add_parser("tls").add_subparsers(dest="action", required=True)
+    p = tls.add_parser("init", help="make the gateway's CA and certificate (no database needed)")
+    p.add_argument("--hostnames", type=_hostnames, default=settings.tls_hostnames if
+                   env.get("AIRLOCK_CP_TLS_HOSTNAMES") else (), metavar="NAME[,NAME...]",
+                   help="DNS names and IP addresses appliances reach the gateway by (AIRLOCK_CP_TLS_HOSTNAMES)")
+    p.add_argument("--out", default=settings.tls_dir, help="directory for ca.pem, gateway.pem, gateway.key "
+                   "(default: AIRLOCK_CP_TLS_DIR, else <state dir>/tls, where the gateway reads them)")
+    p.add_argument("--days", type=int, default=825, help="validity of both certificates (default 825)")
+    p.add_argument("--force", action="store_true", help="replace an existing CA and certificate")
+    p.set_defaults(offline=cmd_tls_init)
     return parser
 
 
@@ -282,13 +322,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ctx = None
     try:
+        if hasattr(args, "offline"):
+            return int(args.offline(args))
         ctx = _Context(args)
         return int(args.func(ctx))
     except PolicyError as exc:
         print(f"airlock-cp: error: {exc}", file=sys.stderr)
         return 2
     except sa.exc.SQLAlchemyError as exc:
-        print(f"airlock-cp: database {args.db}: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}",
+        where = sa.make_url(args.db).render_as_string(hide_password=True)
+        print(f"airlock-cp: database {where}: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}",
               file=sys.stderr)
         return 1
     finally:

@@ -5,7 +5,8 @@ They share one WorkQueue on purpose: an enqueue by the relay wakes the agent's l
 a posted result wakes the waiting relay call at once. In separate processes each side only sees the
 other through the database re-check (0.5 s), which measured ~500 ms per relayed call.
 
-The control plane's signing key and TLS material are created on first start in the state directory.
+The control plane's signing key and TLS material are created on first start in the state directory, unless
+`airlock-cp tls init` made the TLS material beforehand (on-prem: one CA and certificate for every replica).
 uvicorn handles signals: the first stops accepting and drains in-flight requests (long polls end at
 their wait), a second forces exit; the relay listeners stop after it.
 """
@@ -38,7 +39,7 @@ def main() -> None:
     settings = ControlPlaneSettings.from_env()
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     key = control_plane_key(settings.state_dir)
-    tls = ensure_tls(Path(settings.state_dir) / "tls", list(settings.tls_hostnames))
+    tls = ensure_tls(settings.tls_dir, list(settings.tls_hostnames))  # or what `airlock-cp tls init` made
     engine = create_engine(settings.database_url)
     app = build_app(engine, key, key_grace_seconds=settings.key_grace_seconds)
     registry = Registry(engine, app.state.queue)

@@ -1,13 +1,15 @@
 """The gateway's TLS material: a private CA and a server certificate signed by it (cryptography).
 
-Made once in the control plane's state directory; appliances are given ca.pem and trust that CA only.
-The CA private key is used once and never written: no further certificate can be minted from a stolen disk.
-Issue 6's `airlock-cp tls init` builds on this.
+Made once: by the gateway on its first start (`ensure_tls`, the quickstart), or beforehand by the operator with
+`airlock-cp tls init` (`create_tls`; on-prem, one certificate for every gateway replica). Appliances are given
+ca.pem and trust that CA only. The CA private key is used once and never written: no further certificate can
+be minted from a stolen disk.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -38,13 +40,25 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+def tls_files(directory: str | os.PathLike[str]) -> TlsFiles:
+    root = Path(directory)
+    return TlsFiles(root / "ca.pem", root / "gateway.pem", root / "gateway.key")
+
+
 def ensure_tls(directory: str | os.PathLike[str], hostnames: list[str], *, days: int = 825) -> TlsFiles:
     """Create the CA and server certificate if missing; an existing set is kept as it is."""
-    root = Path(directory)
-    files = TlsFiles(root / "ca.pem", root / "gateway.pem", root / "gateway.key")
+    files = tls_files(directory)
     if all(p.exists() for p in (files.ca_cert, files.cert, files.key)):
         return files
-    root.mkdir(parents=True, exist_ok=True)
+    return create_tls(directory, hostnames, days=days)
+
+
+def create_tls(directory: str | os.PathLike[str], hostnames: list[str], *, days: int = 825) -> TlsFiles:
+    """A new CA and a server certificate for `hostnames` (DNS names or IP addresses), replacing any there."""
+    if not hostnames:
+        raise ValueError("a server certificate needs at least one hostname")
+    files = tls_files(directory)
+    Path(directory).mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("airlock control plane CA")).issuer_name(_name(
@@ -74,3 +88,9 @@ def ensure_tls(directory: str | os.PathLike[str], hostnames: list[str], *, days:
     _write(files.cert, cert.public_bytes(pem), 0o644)
     _write(files.ca_cert, ca.public_bytes(pem), 0o644)
     return files
+
+
+def fingerprint(cert_file: str | os.PathLike[str]) -> str:
+    """SHA-256 of the certificate's DER bytes, as openssl prints it (AB:CD:...): to compare ca.pem copies by eye."""
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    return ":".join(f"{b:02X}" for b in hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest())

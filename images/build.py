@@ -33,16 +33,26 @@ IGNORED = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 @dataclass(frozen=True)
 class ImageSpec:
     name: str
-    dockerfile: str | None = None  # None: the rootfs base built by images/base/build-rootfs.sh
+    dockerfile: str | None = None  # None: a rootfs built by images/base/build-rootfs.sh from `packages`
     base: str | None = None  # another ImageSpec's name, passed as BASE_IMAGE
     lock: str | None = None  # requirements lock -> wheels/ + requirements.lock in the context
     copy: dict[str, str] = field(default_factory=dict)  # repo path -> path in the context
+    packages: str = "images/base/packages.txt"  # rootfs only: the Debian packages debootstrap includes
 
 
 IMAGES: dict[str, ImageSpec] = {
     spec.name: spec
     for spec in (
         ImageSpec("base"),
+        # Debian's postgresql-15 debootstrapped like the base: nothing can be pulled, and a Dockerfile's
+        # apt-get has no source on the offline base. compose/onprem.yml runs it.
+        ImageSpec("postgres-rootfs", packages="images/postgres/packages.txt"),
+        ImageSpec(
+            "postgres",
+            dockerfile="images/postgres/Dockerfile",
+            base="postgres-rootfs",
+            copy={"images/postgres": "images/postgres"},
+        ),
         ImageSpec(
             "usercode-base",
             dockerfile="images/usercode-base/Dockerfile",
@@ -80,7 +90,6 @@ IMAGES: dict[str, ImageSpec] = {
                 "appliance": "src/appliance",  # the policy field readers only; nothing here talks to Docker
                 "images/controlplane": "images/controlplane",
                 "images/ensure-python.sh": "images/ensure-python.sh",
-                "images/install-venv.sh": "images/install-venv.sh",
             },
         ),
         ImageSpec(
@@ -169,16 +178,17 @@ def stage(spec: ImageSpec) -> Path:
     return ctx
 
 
-def build_base() -> str:
-    script = ROOT / "images/base/build-rootfs.sh"
+def build_rootfs(spec: ImageSpec) -> str:
+    """A debootstrapped rootfs image, tagged by the hash of the script and its package list."""
+    script, packages = ROOT / "images/base/build-rootfs.sh", ROOT / spec.packages
     digest = hashlib.sha256()
-    for path in (script, ROOT / "images/base/packages.txt"):
+    for path in (script, packages):
         digest.update(path.read_bytes())
-    tag = f"airlock/base:{digest.hexdigest()[:16]}"
+    tag = f"airlock/{spec.name}:{digest.hexdigest()[:16]}"
     if docker_image_exists(tag):
-        log(f"[base] {tag} exists, reused")
+        log(f"[{spec.name}] {tag} exists, reused")
     else:
-        subprocess.run(["bash", str(script), tag], check=True)
+        subprocess.run(["bash", str(script), tag, str(packages)], check=True)
     return tag
 
 
@@ -212,7 +222,7 @@ def build(names: list[str], base_image: str | None = None) -> dict[str, str]:
             return tags[name]
         spec = IMAGES[name]
         if spec.dockerfile is None:
-            tags[name] = base_image or build_base()
+            tags[name] = base_image or build_rootfs(spec)
         else:
             tags[name] = build_image(spec, ensure(spec.base) if spec.base else None)
             subprocess.run(["docker", "tag", tags[name], f"airlock/{name}:latest"], check=True)
