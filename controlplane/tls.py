@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,11 @@ def create_tls(directory: str | os.PathLike[str], hostnames: list[str], *, days:
     Path(directory).mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("airlock control plane CA")).issuer_name(_name(
-        "airlock control plane CA")).public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+    # A name of its own per CA: a client trusting another airlock CA then says "unable to get local issuer
+    # certificate" rather than a puzzling "certificate signature failure" from a same-named CA.
+    ca_name = _name(f"airlock control plane CA {secrets.token_hex(4)}")
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
