@@ -69,7 +69,9 @@ def wait(what: str, check, timeout: float):
     raise AssertionError(f"{what} not reached within {timeout:.0f} s; last: {last}")
 
 
-@pytest.fixture(scope="session")
+# Package scope: the stack goes when tests/integration is done, so the e2e tests that must remove the airlock
+# images (tests/e2e/test_bundle.py) do not find them held by its containers.
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ControlPlane, harness.Appliance]]:
     with control_plane_and_appliance(tmp_path_factory.mktemp("cp")) as started:
         yield started
