@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -28,15 +27,11 @@ TRUNCATED_MARK = "\n[airlock: compute log truncated at {limit} bytes]\n"
 class StorageExecutor:
     def __init__(self, instance: Any, *, compute_log_limit: int = 50 * 1024 * 1024) -> None:
         self.instance, self.compute_log_limit = instance, compute_log_limit
-        # Dagster's batched event writes (one transaction per batch, run status still handled per event)
-        # are on only when this is set; batches here are at most a forwarded spool batch long.
-        os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", "1000")
 
     def store_events(self, scope: Scope, calls: list[tuple[str, str]]) -> list[str | None]:
         """Several `events.store_event` calls (args, kwargs texts) stored as one batch, each checked on its own.
 
-        Returns one entry per call: None when stored, else why it was refused. Dagster's handle_new_event
-        does the batching (and falls back to one by one if the batch insert fails).
+        Returns one entry per call: None when stored, else why it was refused.
         """
         target, outcomes, events = self._store_event, [], []
         for args_text, kwargs_text in calls:
@@ -53,9 +48,9 @@ class StorageExecutor:
         return outcomes
 
     def _store_in_order(self, events: list[Any]) -> None:
-        """Plain log lines in one SQLite transaction each run of them; anything with side effects (run status,
-        asset and check events) through handle_new_event, in between, so the run's order is kept."""
-        from dagster._core.events import DagsterEventBatchMetadata
+        """On SQLite, plain log lines in one transaction each run of them; anything with side effects (run
+        status, asset and check events) through handle_new_event, in between, so the run's order is kept. On
+        other storage (Postgres) every event through handle_new_event, which also notifies watchers."""
         from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
         from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
@@ -69,14 +64,13 @@ class StorageExecutor:
                     conn.execute(SqlEventLogStorageTable.insert(), [storage._event_to_row(e) for e in plain])
                 plain.clear()
 
-        batch_id = uuid.uuid4().hex
-        for position, event in enumerate(events):
+        for event in events:
             if bulk and _plain(event):
                 plain.append(event)
                 continue
             flush_plain()
-            metadata = None if bulk else DagsterEventBatchMetadata(batch_id, is_end=position == len(events) - 1)
-            self.instance.handle_new_event(event, batch_metadata=metadata)
+            # One by one elsewhere: Dagster's batched write on Postgres takes batches of asset events only.
+            self.instance.handle_new_event(event)
         flush_plain()
 
     def execute(self, scope: Scope, method: str, args_text: str, kwargs_text: str) -> str:
