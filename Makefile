@@ -30,11 +30,9 @@ test: images
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest tests/unit tests/contract tests/integration tests/escape tests/e2e $(PYTEST_ARGS)
 
-# Re-pin requirements/*.lock (hashes for every platform file) after editing requirements/*.in;
-# requirements/X.overrides, where there is one, overrides what X.in's packages pin (uv --override).
+# Re-pin requirements/*.lock (hashes for every platform file) after editing requirements/*.in.
 lock:
 	$(PYTHON) -m pip install -q uv
 	cd requirements && for f in appliance usercode controlplane dev; do \
 	  uv pip compile -q --generate-hashes --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
-	    --no-header --annotation-style line $$([ -f $$f.overrides ] && echo --override $$f.overrides) \
-	    $$f.in -o $$f.lock; done
+	    --no-header --annotation-style line $$f.in -o $$f.lock; done

@@ -136,7 +136,7 @@ def test_export_remove_import_then_quickstart_runs(tmp_path: Path) -> None:
     dc = harness.client()
     refs = [tags[name] for name in QUICKSTART_IMAGES]
     ids = {dc.images.get(ref).id: tuple(sorted(dc.images.get(ref).tags)) for ref in refs}
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 120  # the integration stack is gone by now (package scope); others: skip
     while (busy := _containers_using(dc, set(ids))) and time.monotonic() < deadline:
         time.sleep(10)
     if busy:
