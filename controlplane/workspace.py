@@ -3,7 +3,7 @@
 Every location becomes a `grpc_server` entry that points at its relay port on the control plane, so unmodified
 dagster-webserver and dagster-daemon speak Dagster's gRPC API to the relay and never to user code.
 
-How the two Dagster processes notice a new file (dagster 1.13.28 source):
+How the two Dagster processes notice a new file (dagster 1.13.27 source):
 
 - dagster-daemon re-reads it on its own. `DagsterDaemonController.check_daemon_loop` (dagster/_daemon/
   controller.py) wakes every THREAD_CHECK_INTERVAL = 5 s and, once RELOAD_WORKSPACE_INTERVAL = 60 s have
