@@ -88,10 +88,12 @@ def cmd_agent_list(ctx: _Context) -> int:
     if ctx.args.json:
         print(json.dumps(agents, indent=2, default=str))
         return 0
-    print(f"{'ID':<20} {'DEPLOYMENT':<16} {'STATUS':<8} {'LAST SEEN':<20} LABELS")
+    print(f"{'ID':<20} {'DEPLOYMENT':<16} {'STATUS':<8} {'LAST SEEN':<20} {'LABELS':<16} KEYS")
     for a in agents:
         seen = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["last_seen"])) if a.get("last_seen") else "never"
-        print(f"{a['id']:<20} {a['deployment']:<16} {a['status']:<8} {seen:<20} {','.join(json.loads(a['labels']))}")
+        keys = " ".join(f"{k['key_id']} ({k['state']})" for k in a["keys"] if k["state"] != "retired")
+        print(f"{a['id']:<20} {a['deployment']:<16} {a['status']:<8} {seen:<20} "
+              f"{','.join(json.loads(a['labels'])):<16} {keys}")
     return 0
 
 

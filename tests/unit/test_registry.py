@@ -397,7 +397,8 @@ def test_cli_token_create_prints_a_token_the_store_accepts(cli: str, capsys: pyt
     assert agent.deployment == "prod"
 
     assert main(["agent", "list"]) == 0
-    assert agent.id in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert agent.id in listed and "key-1 (current)" in listed and "default" in listed
     assert main(["agent", "revoke", agent.id]) == 0
     assert main(["agent", "revoke", "agent-nope"]) == 2
     assert "agent_id" in capsys.readouterr().err
