@@ -90,6 +90,7 @@ IMAGES: dict[str, ImageSpec] = {
                 "appliance": "src/appliance",  # the policy field readers only; nothing here talks to Docker
                 "images/controlplane": "images/controlplane",
                 "images/ensure-python.sh": "images/ensure-python.sh",
+                "images/install-venv.sh": "images/install-venv.sh",
             },
         ),
         ImageSpec(

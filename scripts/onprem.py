@@ -37,7 +37,15 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.quickstart import EXAMPLE_JOB, LAUNCH, _example_loaded, _finished, wait  # noqa: E402
+from scripts.quickstart import (  # noqa: E402
+    EXAMPLE_JOB,
+    _example_loaded,
+    _finished,
+    ensure_enroll_token,
+    launch_example,
+    register_example,
+    wait,
+)
 
 COMPOSE_FILE = ROOT / "compose" / "onprem.yml"
 CA_IN_VOLUME = "/var/lib/airlock-cp/tls/ca.pem"
@@ -166,26 +174,13 @@ class OnPrem:
         mark("postgres, control plane and gateway2 healthy")
         wait("the Dagster UI answering", lambda: self.graphql("{ version }")["version"], 180)
 
-        image_id = self.docker.images.get(images["example-location"]).id
-        registered = {r["name"]: r for r in json.loads(self.cp_cli("location", "list", "--json"))}
-        if "example" not in registered:
-            print(self.cp_cli("location", "add", "example", "--image", image_id, "--module",
-                              "example_location.definitions").rstrip())
-        elif registered["example"]["image"] != image_id:
-            print(self.cp_cli("location", "update", "example", "--image", image_id).rstrip())
-        token_file = self.workdir / "enroll-token"
-        if not token_file.read_text().strip():  # first start: a one-time token; the key it enrolls is kept
-            token_file.write_text(self.cp_cli("agent-token", "create").strip().splitlines()[-1] + "\n")
+        register_example(self.cp_cli, self.docker.images.get(images["example-location"]).id)
+        ensure_enroll_token(self.cp_cli, self.workdir / "enroll-token")
         self.compose("up", "-d", "--no-build", "appliance", images=images)
         wait("the example location loaded in the control plane", lambda: _example_loaded(self), 300)
         mark("example location loaded from the appliance")
 
-        params = {"selector": {"repositoryLocationName": "example", "repositoryName": "__repository__",
-                               "jobName": EXAMPLE_JOB}, "runConfigData": {}}
-        launched = self.graphql(LAUNCH, {"p": params})["launchRun"]
-        if launched["__typename"] != "LaunchRunSuccess":
-            raise RuntimeError(f"launching {EXAMPLE_JOB} failed: {launched}")
-        run_id = launched["run"]["runId"]
+        run_id = launch_example(self.graphql)
         say(f"launched {EXAMPLE_JOB} as run {run_id} ...")
         run = wait(f"run {run_id} finished", lambda: _finished(self, run_id), 300)
         mark(f"run {run['status']}")

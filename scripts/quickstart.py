@@ -22,8 +22,10 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,17 +141,8 @@ def up() -> int:
     stack.compose("up", "-d", "--no-build", "controlplane", env=images)
     wait("the Dagster UI answering", lambda: stack.graphql("{ version }")["version"], 180)
 
-    image_id = stack.docker.images.get(tags["example-location"]).id
-    registered = {r["name"]: r for r in json.loads(stack.cp_cli("location", "list", "--json"))}
-    if "example" not in registered:
-        print(stack.cp_cli("location", "add", "example", "--image", image_id, "--module",
-                           "example_location.definitions").rstrip())
-    elif registered["example"]["image"] != image_id:
-        print(stack.cp_cli("location", "update", "example", "--image", image_id).rstrip())
-
-    token_file = stack.workdir / "enroll-token"
-    if not token_file.read_text().strip():  # first start: a one-time token; the key it enrolls is kept
-        token_file.write_text(stack.cp_cli("agent-token", "create").strip().splitlines()[-1] + "\n")
+    register_example(stack.cp_cli, stack.docker.images.get(tags["example-location"]).id)
+    ensure_enroll_token(stack.cp_cli, stack.workdir / "enroll-token")
     (stack.workdir / "ca.pem").write_bytes(_file_from(stack.container(f"{NAME}-controlplane"),
                                                       "/var/lib/airlock-cp/tls/ca.pem"))
     say(f"appliance ({tags['appliance']}) ...")
@@ -157,18 +150,39 @@ def up() -> int:
 
     say("waiting for the example code location (served from the appliance) ...")
     wait("the example location loaded in the control plane", lambda: _example_loaded(stack), 300)
-    params = {"selector": {"repositoryLocationName": "example", "repositoryName": "__repository__",
-                           "jobName": EXAMPLE_JOB}, "runConfigData": {}}
-    launched = stack.graphql(LAUNCH, {"p": params})["launchRun"]
-    if launched["__typename"] != "LaunchRunSuccess":
-        raise SystemExit(f"[quickstart] launching {EXAMPLE_JOB} failed: {launched}")
-    run_id = launched["run"]["runId"]
+    run_id = launch_example(stack.graphql)
     say(f"launched {EXAMPLE_JOB} as run {run_id}; it runs in a hardened container the appliance starts ...")
     run = wait(f"run {run_id} finished", lambda: _finished(stack, run_id), 300)
     say(f"run {run_id}: {run['status']} in {run['endTime'] - run['startTime']:.1f} s")
     say(f"Dagster UI: {stack.ui}/runs/{run_id}")
     say(f"ready in {time.monotonic() - started:.1f} s. Next: docker exec {NAME} airlock doctor; stop with: make down")
     return 0 if run["status"] == "SUCCESS" else 1
+
+
+def register_example(cp_cli: Callable[..., str], image_id: str) -> None:
+    """Register the example location on this image (add, or update when its image changed; else nothing)."""
+    registered = {r["name"]: r for r in json.loads(cp_cli("location", "list", "--json"))}
+    if "example" not in registered:
+        print(cp_cli("location", "add", "example", "--image", image_id, "--module",
+                     "example_location.definitions").rstrip())
+    elif registered["example"]["image"] != image_id:
+        print(cp_cli("location", "update", "example", "--image", image_id).rstrip())
+
+
+def ensure_enroll_token(cp_cli: Callable[..., str], token_file: Path) -> None:
+    """First start: a one-time token in the file the appliance reads; later the key it enrolled is kept."""
+    if not token_file.read_text().strip():
+        token_file.write_text(cp_cli("agent-token", "create").strip().splitlines()[-1] + "\n")
+
+
+def launch_example(graphql: Callable[..., dict]) -> str:
+    """Launch the example job through the UI's GraphQL; its run id."""
+    params = {"selector": {"repositoryLocationName": "example", "repositoryName": "__repository__",
+                           "jobName": EXAMPLE_JOB}, "runConfigData": {}}
+    launched = graphql(LAUNCH, {"p": params})["launchRun"]
+    if launched["__typename"] != "LaunchRunSuccess":
+        raise RuntimeError(f"launching {EXAMPLE_JOB} failed: {launched}")
+    return launched["run"]["runId"]
 
 
 def _example_loaded(stack: Stack) -> bool:
@@ -220,7 +234,12 @@ def main() -> None:
     p = sub.add_parser("down")
     p.add_argument("--keep-data", action="store_true")
     args = parser.parse_args()
-    raise SystemExit(up() if args.command == "up" else down(args.keep_data))
+    try:
+        code = up() if args.command == "up" else down(args.keep_data)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"[quickstart] {exc}", file=sys.stderr)
+        code = 1
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
