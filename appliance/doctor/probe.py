@@ -69,6 +69,23 @@ def reach(address, port=9):
         return False, errno.errorcode.get(exc.errno or 0, str(exc))
 
 
+def i386_abi():
+    """'refused' when a syscall through the 32-bit ABI (int 0x80, i386 getpid) is refused or kills the caller."""
+    if os.uname().machine != "x86_64":
+        return "n/a"
+    import mmap
+
+    code = b"\xb8\x14\x00\x00\x00\xcd\x80\xc3"  # mov eax, 20; int 0x80; ret
+    page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    pid = os.fork()
+    if pid == 0:  # a refused ABI may kill the thread (SIGSYS): try it in a child
+        os._exit(0 if ctypes.CFUNCTYPE(ctypes.c_int)(address)() == os.getpid() else 3)
+    _, status = os.waitpid(pid, 0)
+    return "runs" if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else "refused"
+
+
 gw = gateway()
 gateway_reachable, gateway_result = reach(gw)
 memory = read_first("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
@@ -81,6 +98,7 @@ print(json.dumps({
     "keyctl_errno": syscall_errno(SYS_KEYCTL, 0, -3, 0),  # KEYCTL_GET_KEYRING_ID, session keyring
     "unshare_user_errno": syscall_errno(SYS_UNSHARE, CLONE_NEWUSER),
     "io_uring_errno": syscall_errno(SYS_IO_URING_SETUP, 1, 0),
+    "i386_abi": i386_abi(),
     "root_writable": root_writable(),
     "memory_limit": memory,
     "pids_limit": read_first("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),

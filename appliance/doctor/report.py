@@ -19,6 +19,7 @@ import docker
 import docker.errors
 
 from appliance import labels
+from appliance.agent.status import read_status
 from appliance.launcher.engine import NETWORK_OPTIONS, Engine, LauncherError
 from appliance.launcher.spec import hardened_kwargs
 from appliance.policy import Policy, PolicyError, load_locations, load_policy
@@ -66,6 +67,8 @@ def probe_checks(found: dict[str, Any], policy: Policy) -> list[Check]:
               and found.get("io_uring_errno") == EPERM,
               f"errno keyctl={found.get('keyctl_errno')} unshare={found.get('unshare_user_errno')} "
               f"io_uring={found.get('io_uring_errno')} (1 = EPERM)"),
+        Check("no 32-bit syscall ABI (socketcall would hide socket families)", True,
+              found.get("i386_abi") in ("refused", "n/a"), f"int 0x80 from the probe: {found.get('i386_abi')}"),
         Check("no-new-privileges", True, found.get("no_new_privs") == "1", f"NoNewPrivs {found.get('no_new_privs')}"),
         Check("all capabilities dropped", True, int(str(found.get("cap_eff") or "1"), 16) == 0
               and int(str(found.get("cap_bnd") or "1"), 16) == 0,
@@ -140,6 +143,12 @@ def egress_check(port: int) -> Check:
     return Check("egress proxy refuses unknown sources", True, " 403 " in first + " ", first)
 
 
+def _served_image(settings: Settings) -> str | None:
+    """Connected to a control plane, locations.yaml is empty: probe with the image of a location being served."""
+    status = read_status(settings.state_dir)
+    return next((loc.image for loc in (status.locations.values() if status else ()) if loc.image), None)
+
+
 def run_doctor(settings: Settings, *, probe_image: str | None, as_json: bool) -> int:
     try:
         policy = load_policy(settings.policy_dir)
@@ -155,7 +164,7 @@ def run_doctor(settings: Settings, *, probe_image: str | None, as_json: bool) ->
         checks.append(Check("Docker through sockguard", True, False, str(exc)))
     checks.append(sockguard_check(engine))
     checks.append(egress_check(policy.egress.port))
-    image = probe_image or (locations[0].image if locations else None)
+    image = probe_image or (locations[0].image if locations else None) or _served_image(settings)
     if image is None:
         checks.append(Check("probe container", True, False, "no image: pass --probe-image or configure a location"))
     else:

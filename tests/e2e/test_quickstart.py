@@ -41,6 +41,11 @@ def test_quickstart_runs_the_example_job_again_and_down_leaves_nothing() -> None
         ui = re.search(r"Dagster UI: (http://127\.0\.0\.1:\d+)/runs/", first.stdout)
         assert ui and httpx.get(f"{ui.group(1)}/server_info", timeout=30).status_code == 200
         ids = [dc.containers.get(name).id for name in names]
+        # The "Next:" the quickstart prints: the doctor probes with the served location's image.
+        doctor = dc.containers.get(f"airlock-{run_id}").exec_run(["airlock", "doctor"])
+        report = doctor.output.decode(errors="replace")
+        assert doctor.exit_code == 0 and "every protection the policy asks for is enforced" in report, report
+        assert "no 32-bit syscall ABI" in report, report
 
         again = _quickstart("up", run_id=run_id, port=port)
         assert again.returncode == 0, again.stdout + again.stderr

@@ -16,7 +16,7 @@ POLICY = load_policy(ROOT / "policy")
 ENFORCED = {
     "uid": 10001, "seccomp_mode": "2", "no_new_privs": "1", "cap_eff": "0000000000000000",
     "cap_bnd": "0000000000000000", "keyctl_errno": 1, "unshare_user_errno": 1, "io_uring_errno": 1,
-    "root_writable": False, "memory_limit": str(POLICY.hardening.limits.memory),
+    "i386_abi": "refused", "root_writable": False, "memory_limit": str(POLICY.hardening.limits.memory),
     "pids_limit": str(POLICY.hardening.limits.pids), "apparmor": None, "gateway": "172.18.0.1",
     "gateway_reachable": False, "gateway_result": "EHOSTUNREACH",
 }
@@ -33,6 +33,7 @@ def test_fully_enforced_probe_passes() -> None:
     [
         ("seccomp_mode", "0", "seccomp filter active"),
         ("keyctl_errno", 0, "airlock seccomp profile"),
+        ("i386_abi", "runs", "no 32-bit syscall ABI"),
         ("no_new_privs", "0", "no-new-privileges"),
         ("cap_eff", "00000000a80425fb", "all capabilities dropped"),
         ("uid", 0, "non-root user"),
