@@ -2,7 +2,7 @@
 """Runs: launch latency, a 1-op job end to end, and event throughput, each against a local-Dagster baseline
 measured in the same run.
 
-    python bench/runs.py                 # everything, about 5 minutes on 2 cores
+    python bench/runs.py                 # everything (5 launches, 10,000 events), about 2 minutes on 2 cores
     python bench/runs.py --launches 5 --events 2000
 
 It starts what the integration tests start (tests/integration/stack.py): the control plane container and the
