@@ -73,7 +73,7 @@ class RelayClient:
         if self._failed is not None:
             failed, self._failed = self._failed, None
             raise RelayUnavailable(f"earlier writes of this run could not be sent: {failed}") from failed
-        body = {"method": method, "args": encode(list(args)), "kwargs": encode(kwargs), "client": self.client_id}
+        body = self._body(method, args, kwargs)
         with self._sending:
             if mode == "write":
                 self._send_writes(self._take(body))
@@ -93,7 +93,7 @@ class RelayClient:
             return
         if call_mode(method) != "write":
             raise StorageCallRefused(f"{method} needs an answer; it cannot wait in the write-behind buffer")
-        body = {"method": method, "args": encode(list(args)), "kwargs": encode(kwargs), "client": self.client_id}
+        body = self._body(method, args, kwargs)
         with self._state:
             body["seq"] = next(self._seq)
             self._waiting.append(body)
@@ -103,6 +103,10 @@ class RelayClient:
                 self._state.notify()
         if full:
             self.flush()
+
+    def _body(self, method: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """One call as the relay takes it, without its sequence number (given when it is queued or sent)."""
+        return {"method": method, "args": encode(list(args)), "kwargs": encode(kwargs), "client": self.client_id}
 
     def flush(self) -> None:
         """Send every write that waits; returns once the relay has them on disk."""
