@@ -106,8 +106,8 @@ class StorageExecutor:
         self.instance.handle_new_event(event)
 
     def _store_event_batch(self, events: list[Any]) -> None:
-        for event in events:
-            self.instance.handle_new_event(event)
+        """A worker's own batch goes the same way as a forwarded run of store_event writes."""
+        self._store_in_order(list(events))
 
     def _upload_compute_log(self, log_key: list[str], io_type: str, text: str, offset: int = 0,
                             complete: bool = True, truncated: bool = False) -> None:

@@ -183,6 +183,10 @@ def test_a_run_token_cannot_reach_another_runs_data_but_can_its_own(control_plan
     call("events.store_event", event(mine.run_id))
     assert [r.event_log_entry.user_message for r in call("events.get_records_for_run", mine.run_id).records][-1] \
         == "hello"
+    batch = [event(mine.run_id)._replace(user_message=f"batched {n}") for n in range(3)]
+    call("events.store_event_batch", batch)
+    assert [r.event_log_entry.user_message for r in call("events.get_records_for_run", mine.run_id).records][-3:] \
+        == ["batched 0", "batched 1", "batched 2"]
     records = call("runs.get_run_records", RunsFilter(run_ids=[mine.run_id]))
     assert [r.dagster_run.run_id for r in records] == [mine.run_id]
     assert isinstance(records[0].create_timestamp, dt.datetime)
