@@ -83,16 +83,19 @@ class WorkResult:
     error: str | None
 
 
-def claim_statement(
-    deployment: str, queues: Sequence[str], agent_id: str, *, limit: int, now: float, lease_until: float
-) -> sa.Update:
-    """The single claim statement for every dialect (see the module docstring for why it is shaped so)."""
+def claim_statement() -> sa.Update:
+    """The single claim statement for every dialect (see the module docstring for why it is shaped so), with
+    bind parameters claim_deployment, claim_queues (a list), claim_now, claim_limit, claim_agent and claim_lease
+    (named apart from the columns, as an UPDATE requires). Built once:
+    constructing it costs more than running it on SQLite."""
     t = work_items
     picked = (
         sa.select(t.c.seq)
-        .where(*_claimable(deployment, queues, now))
+        .where(t.c.deployment == sa.bindparam("claim_deployment"),
+               t.c.queue.in_(sa.bindparam("claim_queues", expanding=True)),
+               t.c.status == PENDING, t.c.expires_at > sa.bindparam("claim_now"))
         .order_by(t.c.created_at, t.c.seq)
-        .limit(limit)
+        .limit(sa.bindparam("claim_limit"))
         .with_for_update(skip_locked=True)
         .cte("picked")
         .prefix_with("MATERIALIZED")
@@ -101,9 +104,13 @@ def claim_statement(
     return (
         sa.update(t)
         .where(t.c.seq.in_(sa.select(picked.c.seq)), t.c.status == PENDING)
-        .values(status=CLAIMED, agent_id=agent_id, lease_until=lease_until)
+        .values(status=CLAIMED, agent_id=sa.bindparam("claim_agent"), lease_until=sa.bindparam("claim_lease"))
         .returning(*t.c)
     )
+
+
+_CLAIM = claim_statement()
+_INSERT = sa.insert(work_items)
 
 
 class WorkQueue:
@@ -135,10 +142,10 @@ class WorkQueue:
         item_id = uuid.uuid4().hex
         now = self._clock()
         with self._write() as conn:
-            conn.execute(sa.insert(work_items).values(
-                id=item_id, deployment=deployment, queue=queue, kind=kind, payload=_dump(payload),
-                status=PENDING, created_at=now, expires_at=now + ttl_seconds, attempt=1,
-            ))
+            conn.execute(_INSERT, {
+                "id": item_id, "deployment": deployment, "queue": queue, "kind": kind, "payload": _dump(payload),
+                "status": PENDING, "created_at": now, "expires_at": now + ttl_seconds, "attempt": 1,
+            })
         self._notify(("work", deployment, queue))
         return item_id
 
@@ -149,9 +156,10 @@ class WorkQueue:
         if not queues or limit <= 0:
             return []
         now = self._clock()
-        stmt = claim_statement(deployment, queues, agent_id, limit=limit, now=now, lease_until=now + lease_seconds)
+        params = {"claim_deployment": deployment, "claim_queues": list(queues), "claim_now": now, "claim_limit": limit,
+                  "claim_agent": agent_id, "claim_lease": now + lease_seconds}
         with self._write() as conn:
-            rows = conn.execute(stmt).all()
+            rows = conn.execute(_CLAIM, params).all()
         rows.sort(key=lambda r: (r.created_at, r.seq))  # RETURNING promises no order
         return [
             WorkItem(r.id, r.deployment, r.queue, r.kind, json.loads(r.payload), r.created_at, r.attempt, r.lease_until)
@@ -238,11 +246,16 @@ class WorkQueue:
     async def wait_for_work(self, deployment: str, queues: Sequence[str], timeout: float) -> bool:
         """Long poll: True as soon as a claimable item is on one of `queues`, False after `timeout` seconds."""
         keys = [("work", deployment, q) for q in queues]
-        return await self._wait(keys, lambda: self._has_work(deployment, queues), timeout) is not None
+        # A notification here means an item was just enqueued or released on one of the queues: answer at once
+        # (the caller's claim decides), rather than re-reading the table first.
+        found = await self._wait(keys, lambda: self._has_work(deployment, queues), timeout, trust_notification=True)
+        return found is not None
 
     async def wait_for_result(self, item_id: str, timeout: float) -> WorkResult | None:
         """Long poll for an agent's answer to one item; None after `timeout` seconds."""
-        return await self._wait([("result", item_id)], lambda: self.result(item_id), timeout)
+        found = await self._wait([("result", item_id)], lambda: self.result(item_id), timeout)
+        assert not isinstance(found, bool)
+        return found
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
@@ -263,8 +276,10 @@ class WorkQueue:
         with self._read() as conn:
             return True if conn.execute(claimable).first() is not None else None
 
-    async def _wait(self, keys: Sequence[_Key], check: Callable[[], T | None], timeout: float) -> T | None:
-        """Re-run `check` (off the loop) on every notification for `keys`, and at least every RECHECK_SECONDS."""
+    async def _wait(self, keys: Sequence[_Key], check: Callable[[], T | None], timeout: float, *,
+                    trust_notification: bool = False) -> T | bool | None:
+        """Re-run `check` (off the loop) on every notification for `keys`, and at least every RECHECK_SECONDS;
+        with `trust_notification`, a notification itself ends the wait (True)."""
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
         waiter: _Waiter = (loop, event)
@@ -281,6 +296,8 @@ class WorkQueue:
                     return found
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(remaining, self.RECHECK_SECONDS))
+                    if trust_notification:
+                        return True
         finally:
             with self._waiters_lock:
                 for key in keys:

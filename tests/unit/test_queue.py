@@ -258,7 +258,7 @@ def test_wait_for_result_returns_the_agents_answer(q: WorkQueue) -> None:
 
 
 def test_postgres_claim_statement_uses_skip_locked() -> None:
-    stmt = claim_statement("d", ["q1", "q2"], "agent-a", limit=16, now=1.0, lease_until=61.0)
+    stmt = claim_statement()
     pg = str(stmt.compile(dialect=postgresql.dialect()))
     assert "FOR UPDATE SKIP LOCKED" in pg
     assert "AS MATERIALIZED" in pg
