@@ -26,6 +26,9 @@ class Settings:
     control_plane_fingerprint: str = ""  # expected control-plane key id, pinned at enrollment
     ca_file: str = ""  # trust only this CA for the gateway's TLS certificate
     queues: tuple[str, ...] = ("default",)
+    # How work arrives: "channel" (a WebSocket held open; the default) or "poll" (signed long polls), e.g.
+    # behind a proxy that does not pass WebSockets.
+    work_channel: str = "channel"
     metadata_control_socket: str = "/run/airlock/metadata/control.sock"
 
     @classmethod
@@ -34,6 +37,9 @@ class Settings:
         appliance_id = env.get("AIRLOCK_APPLIANCE_ID", "default")
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", appliance_id):
             raise ValueError(f"AIRLOCK_APPLIANCE_ID={appliance_id!r}: use 1-31 of a-z, 0-9 and '-'")
+        work_channel = env.get("AIRLOCK_WORK_CHANNEL", "channel")
+        if work_channel not in ("channel", "poll"):
+            raise ValueError(f"AIRLOCK_WORK_CHANNEL={work_channel!r}: use 'channel' or 'poll'")
         return cls(
             appliance_id=appliance_id,
             docker_host=env.get("AIRLOCK_DOCKER_HOST", "unix:///run/airlock/sockguard/docker.sock"),
@@ -49,6 +55,7 @@ class Settings:
             control_plane_fingerprint=env.get("AIRLOCK_CONTROL_PLANE_FINGERPRINT", ""),
             ca_file=env.get("AIRLOCK_CA_FILE", ""),
             queues=tuple(q for q in env.get("AIRLOCK_QUEUES", "default").split(",") if q),
+            work_channel=work_channel,
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class WorkKind(StrEnum):
@@ -31,3 +32,10 @@ class SignedWork:
 
 def work_signing_bytes(item_id: str, kind: str, queue: str, payload: str) -> bytes:
     return json.dumps(["airlock-work-v1", item_id, kind, queue, payload], separators=(",", ":")).encode()
+
+
+def sign_work(key: Any, item_id: str, kind: str, queue: str, payload: Any, attempt: int) -> dict[str, Any]:
+    """A work item as the agent receives it (claimWork's shape), signed by the control plane's `key`."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return {"id": item_id, "kind": kind, "queue": queue, "payload": text, "attempt": attempt,
+            "signature": key.sign_bytes(work_signing_bytes(item_id, kind, queue, text)), "signedBy": key.key_id}

@@ -1,7 +1,11 @@
-"""Connected mode: desired locations come from the control plane, work arrives by long poll.
+"""Connected mode: desired locations come from the control plane, work arrives over the work channel
+(a WebSocket the agent holds open, appliance/agent/channel.py) or, with `open_channel=None`, by long poll.
 
-Three loops, each small: the poller (claim work, verify, dispatch), the heartbeat (what runs here),
+Three loops, each small: the work loop (receive work, verify, dispatch), the heartbeat (what runs here),
 and the reconcile loop (the same Reconciler as standalone mode). Signals only set `stop`.
+A result goes back the way its work came: down the channel that brought it, or posted (postResults). If that
+channel has closed, a durable item's result is posted instead; a relayed call's is dropped, because the
+gateway has already queued that call again.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.dispatcher import Dispatcher, Handler, HandlerError
+from appliance.agent.channel import WorkChannel
+from appliance.agent.dispatcher import Dispatcher, Handler, HandlerError, Starter, ok_result
 from appliance.agent.reconciler import Reconciler
 from appliance.agent.results import ResultBatcher
 from appliance.agent.runs import RunManager
@@ -72,8 +77,13 @@ class ConnectedAgent:
     def __init__(self, client: GatewayClient, reconciler: Reconciler, desired: DesiredLocations, *,
                  queues: list[str], state_dir: str, handlers: dict[WorkKind, Handler] | None = None,
                  reconcile_interval: float = 5.0, heartbeat_interval: float = 10.0,
-                 max_concurrency: int = 8, runs: RunManager | None = None) -> None:
+                 max_concurrency: int = 8, runs: RunManager | None = None,
+                 open_channel: Callable[[], WorkChannel] | None = None,
+                 starters: dict[WorkKind, Starter] | None = None, max_started: int = 64) -> None:
         self.client, self.reconciler, self.desired, self.runs = client, reconciler, desired, runs
+        self.open_channel = open_channel
+        # Channel work a Starter can run without a worker thread (unary relayed calls), at most max_started at once.
+        self.starters, self._started = dict(starters or {}), threading.BoundedSemaphore(max_started)
         self.queues, self.state_dir = queues, state_dir
         self.reconcile_interval, self.heartbeat_interval = reconcile_interval, heartbeat_interval
         self.wake = threading.Event()  # set when the desired set changes: reconcile now, not at the next tick
@@ -111,7 +121,62 @@ class ConnectedAgent:
                 log.warning("run reaper pass failed, will retry: %s", exc)
 
     def _poll_loop(self, stop: threading.Event) -> None:
-        self._retrying(stop, lambda: [self.dispatcher.submit(w) for w in self.client.claim_work(self.queues)])
+        def take_work() -> None:
+            if self.open_channel is None:
+                for work in self.client.claim_work(self.queues):
+                    self.dispatcher.submit(work)
+            else:
+                self._serve_channel(self.open_channel(), stop)
+
+        self._retrying(stop, take_work)
+
+    def _serve_channel(self, channel: WorkChannel, stop: threading.Event) -> None:
+        """Dispatch the channel's work until stop; a closed channel raises, and the retry loop reopens it."""
+        try:
+            while not stop.is_set():
+                for work in channel.receive(timeout=1.0):
+                    reply = self._reply(channel, work)
+                    if not self._start(work, reply):
+                        self.dispatcher.submit(work, reply)
+        finally:
+            channel.close()
+
+    def _start(self, work: SignedWork, reply: Callable[[dict[str, Any]], None]) -> bool:
+        """Run `work` through its Starter if it has one and there is room; False: use the dispatcher."""
+        starter = self.starters.get(work.kind)
+        if starter is None or not self._started.acquire(blocking=False):
+            return False
+
+        def on_value(value: dict[str, Any]) -> None:
+            self._started.release()
+            reply(ok_result(work.id, value))
+
+        try:
+            if starter(work, on_value):
+                return True
+        except Exception as exc:  # like a handler bug: answer, do not leave the caller waiting
+            log.exception("work %s (%s) failed to start", work.id, work.kind.value)
+            reply({"id": work.id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            self._started.release()
+            return True
+        self._started.release()
+        return False
+
+    def _reply(self, channel: WorkChannel, work: SignedWork) -> Callable[[dict[str, Any]], None]:
+        def reply(result: dict[str, Any]) -> None:
+            try:
+                if channel.send_results([result]):
+                    return
+            except ValueError as exc:  # larger than a frame may be: the caller still gets an answer
+                if channel.send_results([{"id": result["id"], "ok": False, "error": str(exc)}]):
+                    return
+            if work.signed_by.startswith("channel:"):
+                log.info("dropping the answer to relayed call %s: its channel closed and the gateway re-queued it",
+                         work.id)
+            else:
+                self.results.add(result)
+
+        return reply
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
         def beat() -> None:

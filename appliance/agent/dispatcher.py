@@ -13,6 +13,8 @@ from protocol.work import SignedWork, WorkKind
 
 log = logging.getLogger("airlock.agent.dispatch")
 Handler = Callable[[SignedWork], dict[str, Any]]
+# Starts work without blocking and hands its value to the callback later; False: it started nothing (use a Handler).
+Starter = Callable[[SignedWork, Callable[[dict[str, Any]], None]], bool]
 
 
 class HandlerError(Exception):
@@ -25,21 +27,26 @@ class Dispatcher:
         self.handlers, self.on_result = dict(handlers), on_result
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="airlock-work")
 
-    def submit(self, work: SignedWork) -> None:
-        self.pool.submit(self._run, work)
+    def submit(self, work: SignedWork, on_result: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Run `work` on the pool; its result goes to `on_result` if given (e.g. back down its channel)."""
+        self.pool.submit(self._run, work, on_result or self.on_result)
 
-    def _run(self, work: SignedWork) -> None:
+    def _run(self, work: SignedWork, on_result: Callable[[dict[str, Any]], None]) -> None:
         handler = self.handlers.get(work.kind)
         try:
             if handler is None:
                 raise HandlerError(f"this agent does not handle {work.kind.value} yet")
-            result = handler(work)
-            self.on_result({"id": work.id, "ok": True, "payload": json.dumps(result, separators=(",", ":"))})
+            on_result(ok_result(work.id, handler(work)))
         except HandlerError as exc:
-            self.on_result({"id": work.id, "ok": False, "error": str(exc)})
+            on_result({"id": work.id, "ok": False, "error": str(exc)})
         except Exception as exc:  # a handler bug must still answer, or the caller waits for nothing
             log.exception("work %s (%s) failed", work.id, work.kind.value)
-            self.on_result({"id": work.id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            on_result({"id": work.id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=False)
+
+
+def ok_result(work_id: str, value: dict[str, Any]) -> dict[str, Any]:
+    """The result entry for work that succeeded with `value` (postResults' and the channel's shape)."""
+    return {"id": work_id, "ok": True, "payload": json.dumps(value, separators=(",", ":"))}

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from appliance.agent.dispatcher import Handler
+from appliance.agent.dispatcher import Handler, Starter
 from appliance.agent.grpc_replay import GrpcReplayer
 from appliance.agent.status import LocationStatus
 from protocol.dagster_grpc import DEFAULT_PORT
@@ -19,11 +19,32 @@ def grpc_call_handler(replayer: GrpcReplayer, statuses: Callable[[], dict[str, L
 
     def handle(work: SignedWork) -> dict[str, Any]:
         payload = json.loads(work.payload)
-        location = payload.get("location")
-        status = statuses().get(location) if isinstance(location, str) else None
-        if status is None or not status.container:
-            return GrpcResult.failure("UNAVAILABLE", f"location {location!r} has no code server on this appliance "
-                                                     "(not desired here, or still starting)").to_result()
-        return replayer.replay(payload, f"{status.container}:{DEFAULT_PORT}")
+        address = _address(payload, statuses)
+        if isinstance(address, GrpcResult):
+            return address.to_result()
+        return replayer.replay(payload, address)
 
     return handle
+
+
+def grpc_call_starter(replayer: GrpcReplayer, statuses: Callable[[], dict[str, LocationStatus]]) -> Starter:
+    """The same, without a worker thread for unary calls: gRPC answers on its own thread (streams: False)."""
+
+    def start(work: SignedWork, on_value: Callable[[dict[str, Any]], None]) -> bool:
+        payload = json.loads(work.payload)
+        address = _address(payload, statuses)
+        if isinstance(address, GrpcResult):
+            on_value(address.to_result())
+            return True
+        return replayer.start(payload, address, on_value)
+
+    return start
+
+
+def _address(payload: dict[str, Any], statuses: Callable[[], dict[str, LocationStatus]]) -> str | GrpcResult:
+    location = payload.get("location")
+    status = statuses().get(location) if isinstance(location, str) else None
+    if status is None or not status.container:
+        return GrpcResult.failure("UNAVAILABLE", f"location {location!r} has no code server on this appliance "
+                                                 "(not desired here, or still starting)")
+    return f"{status.container}:{DEFAULT_PORT}"

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from protocol.dagster_grpc import MAX_MESSAGE_BYTES
-from protocol.grpc_calls import Arity, GrpcCall, GrpcCallError, GrpcResult, lookup
+from protocol.grpc_calls import Arity, GrpcCall, GrpcCallError, GrpcMethod, GrpcResult, lookup
 
 __all__ = ["CHANNEL_OPTIONS", "GrpcReplayer"]
 
@@ -56,16 +56,10 @@ class GrpcReplayer:
 
     def replay_call(self, payload: Mapping[str, Any], address: str) -> GrpcResult:
         """As `replay`, but returns the decoded GrpcResult."""
-        try:
-            call = GrpcCall.from_payload(payload)
-        except GrpcCallError as exc:
-            return GrpcResult.failure("INVALID_ARGUMENT", f"airlock agent: {exc}")
-        method = lookup(call.method)
-        if method is None or not method.relayed:
-            reason = "not in the method table" if method is None else method.reason
-            log.warning("GRPC-REPLAY-DECISION location=%s method=%s decision=refuse reason=%r",
-                        call.location, call.method, reason)
-            return GrpcResult.failure("PERMISSION_DENIED", f"airlock agent refuses {call.method}: {reason}")
+        checked = self._check(payload)
+        if isinstance(checked, GrpcResult):
+            return checked
+        call, method = checked
         timeout = call.deadline if call.deadline is not None else self._default_timeout
         channel = self._channel(address)
         responses: list[bytes] = []
@@ -79,6 +73,45 @@ class GrpcReplayer:
             code, details = _status(exc)
             return GrpcResult.failure(code, details, responses)
         return GrpcResult(tuple(responses))
+
+    def start(self, payload: Mapping[str, Any], address: str, on_result: Callable[[dict[str, Any]], None]) -> bool:
+        """Start a unary call without blocking the caller; its result dict goes to `on_result`, on gRPC's own
+        thread. Returns False, having started nothing, for a streaming method: run that one with `replay`."""
+        checked = self._check(payload)
+        if isinstance(checked, GrpcResult):
+            on_result(checked.to_result())
+            return True
+        call, method = checked
+        if method.arity is Arity.UNARY_STREAM:
+            return False
+        timeout = call.deadline if call.deadline is not None else self._default_timeout
+        future = self._channel(address).unary_unary(call.method).future(call.request, timeout=timeout)
+
+        def done(finished: grpc.Future) -> None:
+            try:
+                result = GrpcResult((finished.result(),))
+            except grpc.RpcError as exc:
+                result = GrpcResult.failure(*_status(exc))
+            except grpc.FutureCancelledError:
+                result = GrpcResult.failure("CANCELLED", "airlock agent: the call was cancelled")
+            on_result(result.to_result())
+
+        future.add_done_callback(done)
+        return True
+
+    def _check(self, payload: Mapping[str, Any]) -> tuple[GrpcCall, GrpcMethod] | GrpcResult:
+        """The call and its table entry, or the failure to answer with (malformed, or not relayed)."""
+        try:
+            call = GrpcCall.from_payload(payload)
+        except GrpcCallError as exc:
+            return GrpcResult.failure("INVALID_ARGUMENT", f"airlock agent: {exc}")
+        method = lookup(call.method)
+        if method is None or not method.relayed:
+            reason = "not in the method table" if method is None else method.reason
+            log.warning("GRPC-REPLAY-DECISION location=%s method=%s decision=refuse reason=%r",
+                        call.location, call.method, reason)
+            return GrpcResult.failure("PERMISSION_DENIED", f"airlock agent refuses {call.method}: {reason}")
+        return call, method
 
     def forget(self, address: str) -> None:
         """Close and drop the channel to a code server that was replaced or removed."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -129,14 +130,14 @@ def run_standalone(settings: Settings, locations: LocationsFile, reconciler: Rec
 
 
 def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, stop: threading.Event) -> None:
-    """Desired locations and work from the control plane, over signed long polls."""
-
-
+    """Desired locations and work from the control plane, over the work channel or signed long polls."""
+    from appliance.agent.channel import WorkChannel
     from appliance.agent.connected import ConnectedAgent, DesiredLocations
-    from appliance.agent.grpc_handler import grpc_call_handler
+    from appliance.agent.grpc_handler import grpc_call_handler, grpc_call_starter
     from appliance.agent.grpc_replay import GrpcReplayer
     from appliance.agent.identity import KeyFile, ensure_enrolled
     from appliance.agent.runs import RelayControl, RunManager
+    from appliance.agent.status import LocationStatus
     from appliance.agent.transport import GatewayClient, https_client
     from appliance.metadata.tokens import RunTokens
     from protocol.work import WorkKind
@@ -151,11 +152,25 @@ def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, st
     reconciler.location_token = tokens.mint_location  # code servers read through the relay (sensors, schedules)
     runs = RunManager(reconciler.engine, policy, tokens,
                       RelayControl(settings.metadata_control_socket), lambda: desired.locations, settings.egress_port)
+    open_channel = None
+    if settings.work_channel == "channel":
+        tls = ssl.create_default_context(cafile=settings.ca_file or None)
+
+        def open_channel() -> WorkChannel:
+            return WorkChannel.open(client, settings.control_plane_url, list(settings.queues), ssl_context=tls)
+
+    replayer = GrpcReplayer()
+
+    def statuses() -> dict[str, LocationStatus]:
+        return dict(reconciler.statuses)
+
+    log.info("work arrives by %s", "the work channel (WebSocket)" if open_channel else "long poll")
     agent = ConnectedAgent(
         client, reconciler, desired, queues=list(settings.queues),
         state_dir=settings.state_dir, reconcile_interval=settings.reconcile_interval,
-        handlers={WorkKind.GRPC_CALL: grpc_call_handler(GrpcReplayer(), lambda: dict(reconciler.statuses))},
-        runs=runs,
+        handlers={WorkKind.GRPC_CALL: grpc_call_handler(replayer, statuses)},
+        starters={WorkKind.GRPC_CALL: grpc_call_starter(replayer, statuses)},
+        runs=runs, open_channel=open_channel,
     )
     agent.run(stop)
 

@@ -1,6 +1,7 @@
 """The agent API gateway as an ASGI app: authentication middleware outermost, then GraphQL.
 
     POST /graphql         the agent API (protocol/schema.graphql), signed requests only
+    GET  /v1/channel      the work channel, a WebSocket the agent holds open (channel.py), signed upgrade only
     GET  /schema.graphql  the SDL this gateway serves (contract-tested against the checked-in file)
     GET  /healthz         liveness
 """
@@ -19,9 +20,10 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from controlplane.gateway.auth import DEFAULT_MAX_BODY, SignedRequestMiddleware
+from controlplane.gateway.channel import ChannelHub, channel_endpoint
 from controlplane.gateway.documents import Validator, parse_cached
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.resolvers import GatewayContext, bind
@@ -29,6 +31,7 @@ from controlplane.gateway.schema import build_schema
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import Registry
 from controlplane.storage.service import StorageService
+from protocol.channel import CHANNEL_PATH
 from protocol.signing import NonceCache, SigningKey
 
 
@@ -46,6 +49,7 @@ def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX
     store.create_schema()
     queue.create_schema()
     schema = build_schema(bind())
+    hub = ChannelHub()  # the agents' open work channels; the relay in this process hands calls to them
     validator = Validator(schema)
     registry = Registry(engine, queue)
     registry.create_schema()
@@ -86,12 +90,13 @@ def build_app(engine: sa.Engine, key: SigningKey, *, max_body: int = DEFAULT_MAX
             Route("/graphql", graphql_endpoint, methods=["POST"]),
             Route("/schema.graphql", sdl, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            WebSocketRoute(CHANNEL_PATH, channel_endpoint(hub, key=key, store=store, queue=queue)),
         ],
         middleware=[Middleware(SignedRequestMiddleware, store=store, max_body=max_body,
                                nonces=NonceCache(window_seconds=max_skew_seconds * 2),
                                max_skew_seconds=max_skew_seconds)],
     )
-    app.state.store, app.state.queue, app.state.key = store, queue, key
+    app.state.store, app.state.queue, app.state.key, app.state.hub = store, queue, key, hub
     return app
 
 

@@ -4,6 +4,10 @@ the GraphQL operation, and put the caller in scope["auth"]. Resolvers never see 
 Refusals are answered here with a clear 4xx and an audit entry, and nothing downstream runs:
   400 malformed JSON / GraphQL · 401 unsigned, bad signature, tampered, unknown key, expired, replayed
   401 a key rotated away from, past its grace period · 403 revoked agent · 413 body too large.
+The work channel's WebSocket upgrade (GET /v1/channel, protocol/channel.py) is checked the same way (its
+signature covers the empty body's digest and the query, which carries the queues and the agent's ephemeral
+key); only an enrolled, active agent may open one, for queues among its labels. A refused upgrade gets the
+same JSON answer as an HTTP status, where the server supports the ASGI denial response (uvicorn does).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import base64
 import json
 import re
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controlplane.gateway.documents import parse_cached
 from controlplane.gateway.store import AgentRecord, AgentStore
+from protocol.channel import CHANNEL_PATH
 from protocol.errors import SignatureError
-from protocol.signing import ENROLL_KEY_HEADER, NonceCache, RequestVerifier, key_id_of, load_public_key
+from protocol.signing import ENROLL_KEY_HEADER, NonceCache, RequestVerifier, Verified, key_id_of, load_public_key
 
 DEFAULT_MAX_BODY = 1024 * 1024  # anyone's request
 AGENT_MAX_BODY = 8 * 1024 * 1024  # a request naming an enrolled, unrevoked agent's key: spooled run metadata
@@ -76,6 +82,9 @@ class SignedRequestMiddleware:
         self.nonces, self.max_skew = nonces, max_skew_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == CHANNEL_PATH:
+            await self._channel(scope, receive, send)
+            return
         if scope["type"] != "http" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
@@ -98,6 +107,31 @@ class SignedRequestMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _channel(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            scope["auth"] = self._authenticate_channel(scope)
+        except Refused as refusal:
+            self.store.audit(operation=f"GET {CHANNEL_PATH}", accepted=False,
+                             reason=f"{refusal.code}: {refusal.message}", key_id=refusal.key_id)
+            await _refuse_websocket(scope, receive, send, refusal)
+            return
+        await self.app(scope, receive, send)
+
+    def _authenticate_channel(self, scope: Scope) -> Caller:
+        verified, agent, _ = self._verify(scope, "GET", b"")
+        if agent is None:
+            raise Refused(401, "unknown-key", f"key {verified.key_id} is not enrolled", verified.key_id)
+        self._check_active(verified.key_id, agent)
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        queues = [q for q in ",".join(query.get("queues", [])).split(",") if q]
+        ek = query.get("ek", [""])[0]
+        if not queues or not ek:
+            raise Refused(400, "malformed", "the channel needs ?queues=<q1,q2>&ek=<ephemeral key>", verified.key_id)
+        foreign = sorted(set(queues) - set(agent.labels))
+        if foreign:
+            raise Refused(403, "queues", f"queues {foreign} are not among this agent's labels", verified.key_id)
+        return Caller(verified.key_id, agent, None, ("channel",), {"queues": queues, "ek": ek})
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         if scope["method"] != "POST":
@@ -126,6 +160,34 @@ class SignedRequestMiddleware:
         return self.agent_max_body if agent is not None and agent.status == "active" else self.max_body
 
     def _authenticate(self, scope: Scope, body: bytes) -> Caller:
+        verified, agent, enrolling = self._verify(scope, scope["method"], body)
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Refused(400, "malformed", f"body is not JSON: {exc}", verified.key_id) from None
+        if not isinstance(payload, dict):
+            raise Refused(400, "malformed", "body must be a JSON object", verified.key_id)
+        kind, _, fields = operation_fields(payload)
+        if agent is None:
+            if (kind, fields) != ("mutation", ("enrollAgent",)) or enrolling is None:
+                raise Refused(401, "unknown-key", f"key {verified.key_id} is not enrolled", verified.key_id)
+            return Caller(verified.key_id, None, enrolling, fields, payload)
+        self._check_active(verified.key_id, agent)
+        return Caller(verified.key_id, agent, None, fields, payload)
+
+    @staticmethod
+    def _check_active(key_id: str, agent: AgentRecord) -> None:
+        if agent.status == "retired":
+            until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(agent.valid_until or 0))
+            raise Refused(401, "retired", f"key {key_id} of {agent.id} was rotated away from and retired at {until}",
+                          key_id)
+        if agent.status != "active":
+            raise Refused(403, "revoked", f"key {key_id} of {agent.id} is {agent.status}", key_id)
+
+    def _verify(self, scope: Scope, method: str,
+                body: bytes) -> tuple[Verified, AgentRecord | None, Ed25519PublicKey | None]:
+        """Check the RFC 9421 signature: (what it proves, the enrolled agent of its key, or the key offered
+        for enrollment)."""
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         query = scope.get("query_string", b"").decode("latin-1")
         url = f"https://gateway{scope['path']}" + (f"?{query}" if query else "")
@@ -145,28 +207,10 @@ class SignedRequestMiddleware:
 
         verifier = RequestVerifier(resolve, self.nonces, max_skew_seconds=self.max_skew)
         try:
-            verified = verifier.verify(scope["method"], url, headers, body)
+            verified = verifier.verify(method, url, headers, body)
         except SignatureError as exc:
             raise Refused(401, exc.reason, str(exc)) from None
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise Refused(400, "malformed", f"body is not JSON: {exc}", verified.key_id) from None
-        if not isinstance(payload, dict):
-            raise Refused(400, "malformed", "body must be a JSON object", verified.key_id)
-        kind, _, fields = operation_fields(payload)
-        agent = found.get(verified.key_id)
-        if agent is None:
-            if (kind, fields) != ("mutation", ("enrollAgent",)):
-                raise Refused(401, "unknown-key", f"key {verified.key_id} is not enrolled", verified.key_id)
-            return Caller(verified.key_id, None, enrolling[verified.key_id], fields, payload)
-        if agent.status == "retired":
-            until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(agent.valid_until or 0))
-            raise Refused(401, "retired", f"key {verified.key_id} of {agent.id} was rotated away from and retired at "
-                                          f"{until}", verified.key_id)
-        if agent.status != "active":
-            raise Refused(403, "revoked", f"key {verified.key_id} of {agent.id} is {agent.status}", verified.key_id)
-        return Caller(verified.key_id, agent, None, fields, payload)
+        return verified, found.get(verified.key_id), enrolling.get(verified.key_id)
 
 
 def _offered_key(headers: list[tuple[str, str]]) -> Ed25519PublicKey | None:
@@ -184,3 +228,17 @@ async def _refuse(send: Send, refusal: Refused) -> None:
     await send({"type": "http.response.start", "status": refusal.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse_websocket(scope: Scope, receive: Receive, send: Send, refusal: Refused) -> None:
+    """Answer a refused upgrade with the HTTP status and JSON message, or (no denial extension) a 1008 close."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": refusal.message[:120]})
+        return
+    body = json.dumps({"errors": [{"message": refusal.message, "extensions": {"code": refusal.code}}]}).encode()
+    await send({"type": "websocket.http.response.start", "status": refusal.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "websocket.http.response.body", "body": body})

@@ -22,7 +22,7 @@ from protocol.errors import SignatureError
 from protocol.keys import rotation_message
 from protocol.signing import SigningKey, key_id_of, load_public_key, verify_bytes
 from protocol.storage_calls import StorageCallRefused
-from protocol.work import work_signing_bytes
+from protocol.work import sign_work
 
 MAX_WAIT_SECONDS = 30
 MAX_BATCH = 64
@@ -148,12 +148,7 @@ def bind() -> Resolvers:
         if items and await request.is_disconnected():
             ctx.queue.release([item.id for item in items], agent_id)  # back to pending now, not after the lease
             return []
-        out = []
-        for item in items:
-            payload = json.dumps(item.payload, sort_keys=True, separators=(",", ":"))
-            signature = ctx.key.sign_bytes(work_signing_bytes(item.id, item.kind, item.queue, payload))
-            out.append({"id": item.id, "kind": item.kind, "queue": item.queue, "payload": payload,
-                        "attempt": item.attempt, "signature": signature, "signedBy": ctx.key.key_id})
+        out = [sign_work(ctx.key, item.id, item.kind, item.queue, item.payload, item.attempt) for item in items]
         if out:
             ctx.store.audit(operation="claimWork", accepted=True, reason=f"{len(out)} item(s)",
                             key_id=caller.key_id, agent_id=caller.agent.id)

@@ -12,11 +12,13 @@ import contextlib
 import logging
 from typing import Any
 
+from controlplane.gateway.channel import ChannelHub
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import Registry
+from controlplane.relay.calls import ChannelCalls
 from controlplane.relay.scrub import scrub_instance_ref
-from controlplane.relay.server import RelayServer, WorkQueueCalls
+from controlplane.relay.server import CallQueue, RelayServer, WorkQueueCalls
 
 log = logging.getLogger("airlock.relay")
 SYNC_SECONDS = 2.0
@@ -39,7 +41,9 @@ class LiveAgentCalls(WorkQueueCalls):
         return super().submit(location, payload, ttl_seconds=ttl_seconds)
 
 
-async def serve(registry: Registry, queue: WorkQueue, store: AgentStore, host: str, stop: asyncio.Event) -> None:
+async def serve(registry: Registry, queue: WorkQueue, store: AgentStore, host: str, stop: asyncio.Event,
+                hub: ChannelHub | None = None) -> None:
+    """Run until `stop`; with a `hub`, calls go over the agents' work channels first (relay/calls.py)."""
     running: dict[tuple[str, str], tuple[RelayServer, int, str]] = {}
     while not stop.is_set():
         wanted = {(r.deployment, r.spec.name): r for r in registry.list()}
@@ -52,7 +56,9 @@ async def serve(registry: Registry, queue: WorkQueue, store: AgentStore, host: s
             if key in running:
                 continue
             deployment, queue_name = record.deployment, record.spec.queue
-            calls = LiveAgentCalls(queue, store, deployment, queue_name)
+            calls: CallQueue = LiveAgentCalls(queue, store, deployment, queue_name)
+            if hub is not None:
+                calls = ChannelCalls(hub, calls, deployment, queue_name)
             server = RelayServer(record.spec.name, calls, address=f"{host}:{record.relay_port}",
                                  rewrite=scrub_instance_ref)
             try:

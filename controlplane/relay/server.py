@@ -2,8 +2,10 @@
 
 dagster-webserver and dagster-daemon run unmodified; their workspace points each location at a relay port.
 Every call is handled as raw bytes (no dagster import, no proto version skew): a relayed method becomes one
-GRPC_CALL work item on the location's queue, the agent replays it against the real code server and posts the
-response bytes back, and the relay returns them, so the caller sees exactly what the code server said.
+GRPC_CALL work item for the location's agent (straight over its work channel when it holds one to this
+gateway, on the location's queue otherwise: controlplane/relay/calls.py), the agent replays it against the
+real code server and sends the response bytes back, and the relay returns them, so the caller sees exactly
+what the code server said.
 
 Status codes the relay itself chooses (everything else is the code server's own code, passed through):
   PERMISSION_DENIED  a method the table refuses (StartRun, ShutdownServer, CancelExecution, Health/Watch);
@@ -41,7 +43,7 @@ from protocol.dagster_grpc import MAX_MESSAGE_BYTES, SERVICE
 from protocol.grpc_calls import METHODS, Arity, GrpcCall, GrpcCallError, GrpcMethod, GrpcResult
 from protocol.work import WorkKind
 
-__all__ = ["CallQueue", "LocationRelay", "RelayLimits", "RelayServer", "WorkQueueCalls", "plan_wait"]
+__all__ = ["CallQueue", "LocationRelay", "RelayLimits", "RelayServer", "WorkQueueCalls", "agent_answer", "plan_wait"]
 
 log = logging.getLogger("airlock.relay")
 
@@ -56,15 +58,23 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 
 
 class CallQueue(Protocol):
-    """Where relayed calls go: the work queue in production, an in-memory fake in tests."""
+    """How a relayed call reaches the agent: its work channel or the work queue in production, fakes in tests."""
 
-    def submit(self, location: str, payload: dict[str, Any], *, ttl_seconds: float) -> str:
-        """Queue one GRPC_CALL payload for the location's agent; the ttl is how long anyone will wait for it."""
+    async def call(self, location: str, payload: dict[str, Any], wait: float) -> GrpcResult | None:
+        """Have the location's agent run one GRPC_CALL payload. The code server's answer, a failure the relay
+        should report, or None if nothing came within `wait` seconds (also how long the item may live).
+        An exception means the call could not be handed over at all."""
         ...
 
-    async def wait(self, call_id: str, timeout: float) -> GrpcResult | None:
-        """The code server's answer, a failure the relay should report, or None if nothing came in time."""
-        ...
+
+def agent_answer(ok: bool, result: dict[str, Any] | None, error: str | None) -> GrpcResult:
+    """The GrpcResult for an agent's answer to a GRPC_CALL item, whichever way it came back."""
+    if not ok:
+        return GrpcResult.failure("UNAVAILABLE", f"airlock relay: the agent could not run the call: {error}")
+    try:
+        return GrpcResult.from_result(result or {})
+    except GrpcCallError as exc:
+        return GrpcResult.failure("INTERNAL", f"airlock relay: malformed answer from the agent: {exc}")
 
 
 class WorkQueueCalls:
@@ -73,6 +83,11 @@ class WorkQueueCalls:
     def __init__(self, queue: WorkQueue, route: Callable[[str], tuple[str, str]]) -> None:
         self._queue = queue
         self._route = route
+
+    async def call(self, location: str, payload: dict[str, Any], wait: float) -> GrpcResult | None:
+        started = time.monotonic()
+        call_id = await asyncio.to_thread(self.submit, location, payload, ttl_seconds=wait)
+        return await self.wait(call_id, max(wait - (time.monotonic() - started), 0.0))
 
     def submit(self, location: str, payload: dict[str, Any], *, ttl_seconds: float) -> str:
         deployment, agent_queue = self._route(location)
@@ -84,13 +99,7 @@ class WorkQueueCalls:
             return None
         if outcome.status == EXPIRED:
             return GrpcResult.failure("UNAVAILABLE", "airlock relay: no agent picked up the call before it expired")
-        if outcome.status != DONE:
-            details = f"airlock relay: the agent could not run the call: {outcome.error}"
-            return GrpcResult.failure("UNAVAILABLE", details)
-        try:
-            return GrpcResult.from_result(outcome.result or {})
-        except GrpcCallError as exc:
-            return GrpcResult.failure("INTERNAL", f"airlock relay: malformed answer from the agent: {exc}")
+        return agent_answer(outcome.status == DONE, outcome.result, outcome.error)
 
 
 @dataclass(frozen=True)
@@ -208,11 +217,10 @@ class LocationRelay(grpc.GenericRpcHandler):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"airlock relay: {exc}") from exc
         payload = GrpcCall(self.location, method.path, request, wait).to_payload()
         try:
-            call_id = await asyncio.to_thread(self._calls.submit, self.location, payload, ttl_seconds=wait)
+            result = await self._calls.call(self.location, payload, max(wait - (self._clock() - started), 0.0))
         except Exception as exc:  # the queue's own failure (database down, unknown route) is one verdict
             raise _Abort(grpc.StatusCode.UNAVAILABLE,
                          f"airlock relay: could not queue {method.path} for location {self.location!r}: {exc}") from exc
-        result = await self._calls.wait(call_id, max(wait - (self._clock() - started), 0.0))
         if result is None:
             if caller_bound:
                 raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -110,6 +110,9 @@ class MemoryCalls:
         except TimeoutError:
             return None
 
+    async def call(self, location: str, payload: dict[str, Any], wait: float) -> GrpcResult | None:
+        return await self.wait(self.submit(location, payload, ttl_seconds=wait), wait)
+
     def complete(self, call_id: str, result: dict[str, Any]) -> None:
         self._results[call_id].set_result(GrpcResult.from_result(json.loads(json.dumps(result))))
 
@@ -416,3 +419,21 @@ def test_work_queue_calls_map_expired_and_failed_items(tmp_path: Any) -> None:
     assert [r.code if r else None for r in got] == ["UNAVAILABLE", "UNAVAILABLE"]
     assert "expired" in got[0].details and "not deployed" in got[1].details  # type: ignore[union-attr]
     engine.dispose()
+
+
+@pytest.mark.parametrize("method", RELAYED + REFUSED, ids=lambda m: m.path)
+def test_start_answers_like_replay_without_blocking_and_leaves_streams_to_a_worker(
+    code_server: tuple[FakeCodeServer, str], method: GrpcMethod
+) -> None:
+    """GrpcReplayer.start (the agent's path for unary calls on its work channel) answers exactly what replay
+    answers, on gRPC's thread; a stream is left to replay (False, nothing started)."""
+    replayer = GrpcReplayer()
+    payload = GrpcCall("loc", method.path, b"abc", 5.0).to_payload()
+    answered: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+    started = replayer.start(payload, code_server[1], answered.set_result)
+    if method.relayed and method.arity is Arity.UNARY_STREAM:
+        assert started is False and not answered.done()
+    else:
+        assert started is True
+        assert answered.result(5) == replayer.replay(payload, code_server[1])
+    replayer.close()
