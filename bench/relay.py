@@ -1,30 +1,30 @@
 #!/usr/bin/env python3
-"""Relay latency and throughput: work-queue wake-up, relayed vs direct Dagster Ping, 8 concurrent callers.
+"""Relay latency and throughput: enqueue -> agent, relayed vs direct Dagster Ping, 8 concurrent callers.
 
-    python bench/relay.py                  # everything, about 70 s on 2 cores
+    python bench/relay.py                  # everything, about a minute on 2 cores
     python bench/relay.py --calls 200      # fewer sequential calls per path
-    python bench/relay.py --no-split       # skip the (slow) separate-process relay figure
+    python bench/relay.py --poll           # the agent long-polls instead of holding its work channel
 
 Everything runs on this machine: a real Dagster code server (the example-location image, hardened as the
 appliance starts it, on an internal Docker network made for this run), the agent API gateway (uvicorn, TLS,
-SQLite file) and the gRPC relay on 127.0.0.1 in this process (the relay shares the gateway's WorkQueue, so
-enqueue wakes the agent's long poll at once), the real ConnectedAgent in a second process, and the callers in
+SQLite file) with the gRPC relay on the same event loop in this process (as controlplane/serve_gateway.py runs
+them), the real ConnectedAgent in a second process holding its work channel (a WebSocket), and the callers in
 a third (so the callers, the control plane and the agent do not share a GIL, as they do not in production).
 Timestamps are time.perf_counter, i.e. CLOCK_MONOTONIC, comparable across processes on one host.
 
 Figures (targets from the issue; the bench prints met / NOT met and asserts nothing):
-  1. enqueue -> agent receives: WorkQueue.enqueue until GatewayClient.claim_work returns the item in the
-     agent, the agent already parked in its long poll.                                     target p50 <= 5 ms
+  1. enqueue -> agent receives: WorkQueue.enqueue of a durable item until the agent has it, verified, the
+     channel's pump (or, with --poll, the agent's long poll) already parked.            target p50 <= 5 ms
   2. Ping latency, sequential, one persistent channel per path: direct to the code server vs through
-     relay -> work queue -> gateway -> agent -> code server.              target relayed p50 <= direct p50 + 1 ms
+     relay -> work channel -> agent -> code server.                       target relayed p50 <= direct p50 + 1 ms
   3. Ping throughput with 8 concurrent callers (one channel each), relayed / direct.         target >= 0.70
 Also printed (no target): where a relayed call's time goes, leg by leg; the gateway's database calls per
-relayed call; Ping with a new channel per call (what Dagster's DagsterGrpcClient does); the relay in a separate
-process from the gateway (as it ran before the relay moved into the gateway process: no in-process wake-up
-crosses between them); one signed GraphQL request vs a bare HTTPS GET; a few fixed per-request costs.
+relayed call; the CPU each process spends per call; Ping with a new channel per call (what Dagster's
+DagsterGrpcClient does); one signed GraphQL request vs a bare HTTPS GET; a few fixed per-request costs.
 The legs come from wrappers the bench puts around live objects (an ASGI wrapper outside the gateway app, timed
-methods on its WorkQueue and AgentStore instances, subclasses of GatewayClient and WorkQueueCalls); no project
-code is changed. The database is opened as the control plane opens it (controlplane/db.py: SQLite, WAL).
+methods on its WorkQueue and AgentStore instances, subclasses of GatewayClient, WorkChannel, WorkQueueCalls and
+ChannelCalls); no project code is changed. The database is opened as the control plane opens it
+(controlplane/db.py: SQLite, WAL).
 
 Cleanup: the code server container and the network (labelled airlock.test-run=<run id>) are removed in a
 finally block, also on Ctrl-C or SIGTERM; the child processes are stopped; the temp directory is deleted.
@@ -188,13 +188,16 @@ def caller_main(conn: Connection) -> None:
 
 
 # ------------------------------------------------------------------------------------- agent process
-def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, token: str, code_server: str) -> None:
-    """The real ConnectedAgent with a stand-in reconciler that reports the bench's code server as LOADED."""
+def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, token: str, code_server: str,
+               mode: str) -> None:
+    """The real ConnectedAgent with a stand-in reconciler that reports the bench's code server as LOADED.
+    `mode` is how work arrives: "channel" (as shipped) or "poll" (signed long polls)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import httpx
 
+    from appliance.agent.channel import WorkChannel
     from appliance.agent.connected import ConnectedAgent, DesiredLocations
-    from appliance.agent.grpc_handler import grpc_call_handler
+    from appliance.agent.grpc_handler import grpc_call_handler, grpc_call_starter
     from appliance.agent.grpc_replay import GrpcReplayer
     from appliance.agent.identity import ensure_enrolled, load_or_create_key
     from appliance.agent.status import ApplianceStatus, LocationStatus, State
@@ -218,6 +221,20 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
             events.extend(("posted", r["id"], started, done, len(results)) for r in results)
             return accepted
 
+    class TimedChannel(WorkChannel):
+        def receive(self, timeout: float) -> list[SignedWork]:
+            items = super().receive(timeout)
+            received = now()
+            events.extend(("claimed", w.id, received) for w in items)
+            return items
+
+        def send_results(self, results: list[dict[str, Any]]) -> bool:
+            started = now()
+            sent = super().send_results(results)
+            done = now()
+            events.extend(("posted", r["id"], started, done, len(results)) for r in results)
+            return sent
+
     class StandInReconciler:
         """What the real Reconciler would report once the location's code server is up."""
 
@@ -232,7 +249,12 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
     client = TimedClient(http, load_or_create_key(state_dir))
     ensure_enrolled(client, state_dir, token=token, queues=[QUEUE])
     reconciler = StandInReconciler()
-    replay = grpc_call_handler(GrpcReplayer(), lambda: dict(reconciler.statuses))
+    replayer = GrpcReplayer()  # as appliance/agent/run.py wires it: a Starter for unary calls, a Handler else
+
+    def statuses() -> dict[str, Any]:
+        return dict(reconciler.statuses)
+
+    replay, start = grpc_call_handler(replayer, statuses), grpc_call_starter(replayer, statuses)
 
     def timed_replay(work: SignedWork) -> dict[str, Any]:
         started = now()
@@ -240,8 +262,24 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
         events.append(("replayed", work.id, started, now()))
         return result
 
+    def timed_start(work: SignedWork, on_value: Callable[[dict[str, Any]], None]) -> bool:
+        started = now()
+
+        def answered(value: dict[str, Any]) -> None:
+            events.append(("replayed", work.id, started, now()))
+            on_value(value)
+
+        return start(work, answered)
+
+    tls = ssl.create_default_context(cafile=ca_file)
+
+    def open_channel() -> WorkChannel:  # as appliance/agent/run.py opens it
+        return TimedChannel.open(client, base_url, [QUEUE], ssl_context=tls)
+
     agent = ConnectedAgent(client, reconciler, DesiredLocations(state_dir, load_policy(ROOT / "policy")),  # type: ignore[arg-type]
-                           queues=[QUEUE], state_dir=state_dir, handlers={WorkKind.GRPC_CALL: timed_replay})
+                           queues=[QUEUE], state_dir=state_dir, handlers={WorkKind.GRPC_CALL: timed_replay},
+                           starters={WorkKind.GRPC_CALL: timed_start},
+                           open_channel=open_channel if mode == "channel" else None)
     stop = threading.Event()
     runner = threading.Thread(target=agent.run, args=(stop,), name="bench-agent", daemon=True)
     runner.start()
@@ -256,12 +294,31 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
             conn.send(time.process_time())
         elif command == "rtt":
             conn.send(round_trips(client, http))
+        elif command == "replay":  # the replay alone, from this process's main thread: no channel, no dispatcher
+            conn.send(replays(code_server))
         elif command == "stop":
             stop.set()
             agent.wake.set()  # out of the reconcile wait at once
             runner.join(10)
             http.close()
             return
+
+
+def replays(code_server: str, calls: int = 300) -> list[float]:
+    from appliance.agent.grpc_replay import GrpcReplayer
+    from protocol.grpc_calls import GrpcCall
+
+    replayer = GrpcReplayer()
+    payload = GrpcCall(LOCATION, PING, encode_echo(ECHO), CALL_TIMEOUT).to_payload()
+    address = f"{code_server}:{DEFAULT_PORT}"
+    samples = []
+    for i in range(calls + 30):
+        started = now()
+        replayer.replay(payload, address)
+        if i >= 30:
+            samples.append(now() - started)
+    replayer.close()
+    return samples
 
 
 def round_trips(client: Any, http: Any, calls: int = 200) -> dict[str, list[float]]:
@@ -474,19 +531,21 @@ class GatewayTimes:
 
 
 class ControlPlane:
-    """The gateway (uvicorn + TLS, SQLite file) and the relay, each on its own event loop thread."""
+    """The gateway (uvicorn + TLS, SQLite file) and the relay on one event loop thread, as serve_gateway runs them:
+    relayed calls go straight down an agent's work channel when one is open (controlplane/relay/calls.py)."""
 
-    def __init__(self, workdir: Path, *, wal: bool = False) -> None:
+    def __init__(self, workdir: Path) -> None:
         import uvicorn
 
         from controlplane.gateway.app import build_app
         from controlplane.gateway.queue import WorkQueue
+        from controlplane.relay.calls import ChannelCalls
         from controlplane.relay.server import RelayServer, WorkQueueCalls
         from controlplane.tls import ensure_tls
+        from protocol.channel import MAX_FRAME_BYTES
         from protocol.signing import SigningKey
 
         self.db_url = f"sqlite:///{workdir / 'controlplane.db'}"
-        self.wal = wal
         self.engine = self.make_engine()
         self.app = build_app(self.engine, SigningKey.generate())
         self.queue: WorkQueue = self.app.state.queue
@@ -494,20 +553,21 @@ class ControlPlane:
         self.port = free_port()
         self.base_url = f"https://127.0.0.1:{self.port}"
         self.events: list[tuple[Any, ...]] = []
+        # as controlplane/serve_gateway.py configures it
         config = uvicorn.Config(GatewayTimes(self.app, self.events), host="127.0.0.1", port=self.port,
                                 ssl_certfile=str(self.tls.cert), ssl_keyfile=str(self.tls.key),
-                                log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+                                log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+                                ws_max_size=MAX_FRAME_BYTES, ws_per_message_deflate=False)
         self.server = uvicorn.Server(config)
-        self.gateway_thread = threading.Thread(target=self.server.run, name="bench-gateway", daemon=True)
         self.probe = Probe()
         for method in ("enqueue", "claim", "complete", "result", "_has_work"):
             self.probe.wrap(self.queue, method, f"queue.{method}")
-        for method in ("audit", "by_key", "record_heartbeat"):
+        for method in ("audit", "by_key", "record_heartbeat", "live_agents"):
             self.probe.wrap(self.app.state.store, method, f"store.{method}")
 
         events = self.events
 
-        class TimedCalls(WorkQueueCalls):
+        class TimedQueueCalls(WorkQueueCalls):
             def submit(self, location: str, payload: dict[str, Any], *, ttl_seconds: float) -> str:
                 started = now()
                 call_id = super().submit(location, payload, ttl_seconds=ttl_seconds)
@@ -519,17 +579,24 @@ class ControlPlane:
                 events.append(("answered", call_id, now()))
                 return result
 
+        class TimedChannelCalls(ChannelCalls):
+            async def call(self, location: str, payload: dict[str, Any], wait: float) -> Any:
+                handed = now()
+                channel = self.hub.pick(self.deployment, self.queue)
+                result = await super().call(location, payload, wait)
+                if channel is not None:
+                    events.append(("handed", handed, now()))
+                return result
+
         def route(_location: str) -> tuple[str, str]:
             return DEPLOYMENT, QUEUE
 
-        self.relay = RelayServer(LOCATION, TimedCalls(self.queue, route))
-        # How the controlplane image runs it today: a separate process with its own WorkQueue on the same
-        # database, so neither side's in-process wake-up reaches the other (they re-check every 0.5 s).
-        self.split_engine = self.make_engine()
-        self.split_relay = RelayServer(LOCATION, WorkQueueCalls(WorkQueue(self.split_engine), route))
+        calls = TimedChannelCalls(self.app.state.hub, TimedQueueCalls(self.queue, route), DEPLOYMENT, QUEUE)
+        self.relay = RelayServer(LOCATION, calls)
         self.loop = asyncio.new_event_loop()
-        self.relay_thread = threading.Thread(target=self.loop.run_forever, name="bench-relay", daemon=True)
-        self.relay_port = self.split_port = 0
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-control-plane", daemon=True)
+        self.served: Any = None
+        self.relay_port = 0
 
     def make_engine(self) -> Any:
         """Exactly as the control plane opens its database (controlplane/db.py: SQLite in WAL mode)."""
@@ -545,37 +612,38 @@ class ControlPlane:
         return f"journal_mode={journal} synchronous={sync}"
 
     def start(self) -> None:
-        self.gateway_thread.start()
+        self.thread.start()
+        self.served = asyncio.run_coroutine_threadsafe(self.server.serve(), self.loop)
         deadline = time.monotonic() + 20
         while not self.server.started:
-            if not self.gateway_thread.is_alive() or time.monotonic() > deadline:
+            if self.served.done() or time.monotonic() > deadline:
                 raise RuntimeError("the gateway did not start")
             time.sleep(0.01)
-        self.relay_thread.start()
-        self.relay_port = self.on_relay_loop(self.relay.start())
-        self.split_port = self.on_relay_loop(self.split_relay.start())
+        self.relay_port = self.on_loop(self.relay.start())
 
-    def on_relay_loop(self, coro: Any, timeout: float = 30.0) -> Any:
+    def on_loop(self, coro: Any, timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def channels(self) -> int:
+        return len(self.app.state.hub)
+
     def agent_waiting(self) -> bool:
-        # Read-only look at the queue's long-poll registry: is a claimWork request parked on our queue?
+        # Read-only look at the queue's wake-up registry: is a long poll, or a channel's pump, parked on our queue?
         return ("work", DEPLOYMENT, QUEUE) in self.queue._waiters
 
     def stop(self) -> None:
-        if self.relay_thread.is_alive():
-            for relay in (self.relay, self.split_relay):
-                with contextlib.suppress(Exception):
-                    self.on_relay_loop(relay.stop(0.5), timeout=5)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.relay_thread.join(5)
-        if self.gateway_thread.is_alive():
+        if self.thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.on_loop(self.relay.stop(0.5), timeout=5)
             self.server.should_exit = True
-            self.gateway_thread.join(10)
-            if self.gateway_thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.served.result(10)
+            if not self.served.done():
                 self.server.force_exit = True
-                self.gateway_thread.join(5)
-        self.split_engine.dispose()
+                with contextlib.suppress(Exception):
+                    self.served.result(5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
         self.engine.dispose()
 
 
@@ -602,7 +670,7 @@ def enqueue_to_claim(cp: ControlPlane, agent: Child, calls: int, warmup: int) ->
         if i >= warmup:
             started[item] = t0
         # let the agent finish (replay, post) so the next sample starts from a quiet system
-        outcome = cp.on_relay_loop(cp.queue.wait_for_result(item, CALL_TIMEOUT))
+        outcome = cp.on_loop(cp.queue.wait_for_result(item, CALL_TIMEOUT))
         if outcome is None or outcome.status != "done":
             raise RuntimeError(f"the agent did not answer work item {item}: {outcome}")
     claimed = {e[1]: e[2] for e in agent.ask("events") if e[0] == "claimed"}
@@ -643,6 +711,31 @@ def relayed_breakdown(samples: list[tuple[float, float]], events: list[tuple[Any
     return [(name, statistics.median(values)) for name, values in legs.items()]
 
 
+def channel_breakdown(samples: list[tuple[float, float]], events: list[tuple[Any, ...]],
+                      agent_events: list[tuple[Any, ...]]) -> list[tuple[str, float]]:
+    """Median of each leg of a sequential call over the work channel (the k-th call is the k-th item received)."""
+    handed = [e for e in events if e[0] == "handed"]
+    claimed = sorted((e[2], e[1]) for e in agent_events if e[0] == "claimed")
+    replayed = {e[1]: (e[2], e[3]) for e in agent_events if e[0] == "replayed"}
+    posted = {e[1]: (e[2], e[3]) for e in agent_events if e[0] == "posted"}
+    if not (len(handed) == len(claimed) == len(samples)):
+        raise RuntimeError(f"{len(samples)} relayed calls, {len(handed)} handed to the channel, {len(claimed)} "
+                           "received: the breakdown cannot match")
+    legs: dict[str, list[float]] = defaultdict(list)
+    for (call_start, call_end), (_, hand0, hand1), (received, item) in zip(samples, handed, claimed, strict=True):
+        if item not in replayed or item not in posted:
+            continue
+        (rep0, rep1), (_post0, post1) = replayed[item], posted[item]
+        legs["caller -> relay handler starts (gRPC in)"].append(hand0 - call_start)
+        legs["handed to the channel -> agent has the item (frame, TLS, WebSocket, MAC, JSON)"].append(received - hand0)
+        legs["agent: item received -> call started (no worker thread for a unary call)"].append(rep0 - received)
+        legs["agent: Ping on the code server, until gRPC's callback runs"].append(rep1 - rep0)
+        legs["agent: result frame built and sent (JSON, MAC, TLS write)"].append(post1 - rep1)
+        legs["result frame -> relay's call resumes (gateway reads, checks MAC, JSON)"].append(hand1 - post1)
+        legs["relay -> caller (gRPC reply)"].append(call_end - hand1)
+    return [(name, statistics.median(values)) for name, values in legs.items()]
+
+
 def gateway_times(events: list[tuple[Any, ...]], operations: tuple[str, ...]) -> list[tuple[str, float, int]]:
     grouped: dict[str, list[float]] = defaultdict(list)
     for e in events:
@@ -668,6 +761,7 @@ def fixed_costs(cp: ControlPlane, workdir: Path, calls: int = 200) -> list[tuple
     from controlplane.gateway.auth import operation_fields
     from controlplane.gateway.resolvers import bind
     from controlplane.gateway.schema import build_schema
+    from protocol.channel import Ephemeral, FrameSealer, accept_hello, encode_body, gateway_hello
     from protocol.signing import NonceCache, RequestVerifier, SigningKey, sign_request
 
     def median_of(fn: Callable[[], object]) -> float:
@@ -681,10 +775,9 @@ def fixed_costs(cp: ControlPlane, workdir: Path, calls: int = 200) -> list[tuple
         return statistics.median(samples)
 
     scratch = sa.create_engine(f"sqlite:///{workdir / 'scratch.db'}")
-    if cp.wal:
-        with scratch.connect() as conn:
-            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-            conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+    with scratch.connect() as conn:  # as controlplane/db.py opens the real one
+        conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
     with scratch.connect() as conn:
         conn.exec_driver_sql("CREATE TABLE t (x TEXT)")
         conn.commit()
@@ -706,6 +799,15 @@ def fixed_costs(cp: ControlPlane, workdir: Path, calls: int = 200) -> list[tuple
               for _ in range(calls + 10)]  # one nonce each: the verifier refuses a replay
     verifier = RequestVerifier(lambda _kid: key.public_key, NonceCache(window_seconds=600), max_skew_seconds=300)
     pending = iter(signed)
+    frame = encode_body("work", [{"id": "x" * 32, "kind": "GRPC_CALL", "queue": QUEUE, "attempt": 1,
+                                  "payload": json.dumps({"method": PING, "request": "AA" * 20})}])
+    frame_signature, sealer = key.sign_raw(frame), FrameSealer(b"k" * 32)
+
+    def handshake() -> None:
+        agent_ek = Ephemeral()
+        hello, _ = gateway_hello(key, "agent-key", [QUEUE], agent_ek.public)
+        accept_hello(hello, key.public_key, "agent-key", [QUEUE], agent_ek)
+
     return [
         ("SQLite INSERT + COMMIT, one row (this disk, this journal mode)", commit),
         ("GraphQL parse + validate, ClaimWork", median_of(lambda: validate(schema, parse(claim_doc)))),
@@ -716,6 +818,12 @@ def fixed_costs(cp: ControlPlane, workdir: Path, calls: int = 200) -> list[tuple
          median_of(lambda: verifier.verify("POST", url, next(pending), body.encode()))),
         ("middleware's own GraphQL parse to learn the operation (operation_fields)",
          median_of(lambda: operation_fields(payload))),
+        ("Ed25519 sign (what a per-frame signature would cost each side)", median_of(lambda: key.sign_raw(frame))),
+        ("Ed25519 verify", median_of(lambda: key.public_key.verify(frame_signature, frame))),
+        ("work channel: HMAC-SHA256 tag of a Ping frame (what each frame costs instead)",
+         median_of(lambda: sealer.seal(frame))),
+        ("work channel: handshake crypto, both sides (X25519, HKDF, Ed25519 sign + verify; once per channel)",
+         median_of(handshake)),
     ]
 
 
@@ -738,8 +846,8 @@ def main() -> int:
     parser.add_argument("--callers", type=int, default=8, help="concurrent callers for throughput (8)")
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput window per path (5 s)")
     parser.add_argument("--fresh-calls", type=int, default=100, help="calls with a new channel each (100)")
-    parser.add_argument("--split-calls", type=int, default=16, help="calls through the separate-process relay")
-    parser.add_argument("--no-split", action="store_true", help="skip the separate-process relay figure")
+    parser.add_argument("--poll", action="store_true",
+                        help="the agent long-polls instead of holding a work channel (AIRLOCK_WORK_CHANNEL=poll)")
     parser.add_argument("--image", help="code server image (default: build/reuse example-location)")
     args = parser.parse_args()
 
@@ -766,26 +874,33 @@ def main() -> int:
         code_server = CodeServer(image, run_id)
         ip = code_server.start()
         direct = code_server.address
-        cp = ControlPlane(workdir, wal=True)
+        cp = ControlPlane(workdir)
         cp.start()
         relayed = f"127.0.0.1:{cp.relay_port}"
         state = workdir / "agent-state"
         state.mkdir(mode=0o700)
         token = cp.app.state.store.create_token(DEPLOYMENT)
-        agent = Child(ctx, agent_main, cp.base_url, str(cp.tls.ca_cert), str(state), token, ip, name="bench-agent")
+        mode = "poll" if args.poll else "channel"
+        agent = Child(ctx, agent_main, cp.base_url, str(cp.tls.ca_cert), str(state), token, ip, mode,
+                      name="bench-agent")
         if not (agent.conn.poll(60) and agent.conn.recv() == "ready"):
             raise RuntimeError("the agent process did not start (enrollment failed?)")
+        if mode == "channel":
+            wait_until(lambda: cp.channels() == 1, 30, "the agent's work channel")
         callers = Child(ctx, caller_main, name="bench-callers")
         print(f"code server  {image} at {direct} (hardened, internal network airlock-bench-{run_id})")
         print(f"gateway      {cp.base_url} (uvicorn, TLS, SQLite file {cp.sqlite_mode()}"
               f", as shipped); relay {relayed} in the same process")
-        print("agent        real ConnectedAgent in its own process; callers in a third process")
+        print(f"agent        real ConnectedAgent in its own process, work by "
+              f"{'the work channel (WebSocket, as shipped)' if mode == 'channel' else 'long poll (--poll)'}; "
+              "callers in a third process")
         print(f"setup        {time.monotonic() - started:.1f} s\n")
 
         # 1. enqueue -> agent receives
         wake = enqueue_to_claim(cp, agent, args.calls, args.warmup)
         wake_p50 = pct(wake, 50)
-        print(f"1. enqueue -> agent receives ({len(wake)} items, agent parked in its long poll)")
+        parked = "its channel's pump waiting for work" if mode == "channel" else "the agent parked in its long poll"
+        print(f"1. enqueue -> agent receives ({len(wake)} durable items, {parked})")
         print(f"   p50 {ms(wake_p50)}   p99 {ms(pct(wake, 99))}   target p50 <= 5 ms: {verdict(wake_p50 <= 0.005)}\n")
 
         # 2. sequential Ping, direct vs relayed
@@ -809,14 +924,20 @@ def main() -> int:
         print(f"   relayed p50 - direct p50 = {(r50 - d50) * 1000:.2f} ms   "
               f"target <= 1 ms: {verdict(r50 <= d50 + 0.001)}")
         print("   where a relayed call's time goes (median of each leg):")
-        legs = relayed_breakdown(relayed_samples, cp.events, agent_events)
+        legs = (channel_breakdown if mode == "channel" else relayed_breakdown)(relayed_samples, cp.events,
+                                                                               agent_events)
         for name, value in legs:
             print(f"     {ms(value)}  {name}")
         print(f"     {ms(sum(v for n, v in legs if not n.startswith('(')))}  sum of the legs' medians "
               f"(whole call median {r50 * 1000:.2f} ms)")
-        print("   gateway time per request, from reaching the app to its answer sent (median):")
-        for operation, seconds, count in gateway_times(cp.events, ("PostResults",)):
-            print(f"     {ms(seconds)}  {operation} ({count} requests)")
+        if mode == "channel":
+            handed = [e for e in legs if e[0].startswith("handed to the channel")]
+            print(f"   (1b. a relayed call handed to the channel -> agent receives it: p50 "
+                  f"{handed[0][1] * 1000:.2f} ms, no database row)" if handed else "")
+        else:
+            print("   gateway time per request, from reaching the app to its answer sent (median):")
+            for operation, seconds, count in gateway_times(cp.events, ("PostResults",)):
+                print(f"     {ms(seconds)}  {operation} ({count} requests)")
         print("   gateway database calls per relayed call (count, time; includes waiting for the queue's lock):")
         for name, count, seconds in db_per_call(db_records, args.calls):
             print(f"     {count:5.2f} x {name:24} {ms(seconds)}")
@@ -850,7 +971,9 @@ def main() -> int:
             parts = ", ".join(f"{name} {seconds * 1000:.2f}" for name, seconds in cpu.items())
             print(f"   CPU per call, {label}: {sum(cpu.values()) * 1000:6.2f} ms = {parts} ms")
         per_claim, per_post = batches(load_events)
-        print(f"   under load: {per_claim:.1f} items per claimWork answer, {per_post:.1f} results per POST; "
+        what = ("items per work frame", "results per result frame") if mode == "channel" else (
+            "items per claimWork answer", "results per POST")
+        print(f"   under load: {per_claim:.1f} {what[0]}, {per_post:.1f} {what[1]}; "
               f"gateway database time per relayed call (incl. warm-up calls in the count):")
         load_calls = max(1, len([e for e in load_events if e[0] == "claimed"]))
         for name, count, seconds in db_per_call(load_records, load_calls)[:5]:
@@ -865,14 +988,10 @@ def main() -> int:
         print(f"   new channel per call (as Dagster's gRPC client does), {args.fresh_calls} calls per path:")
         print(f"     direct p50 {ms(pct(fd, 50))} p99 {ms(pct(fd, 99))}   relayed p50 {ms(pct(fr, 50))} "
               f"p99 {ms(pct(fr, 99))}   difference p50 {(pct(fr, 50) - pct(fd, 50)) * 1000:.2f} ms")
-        if not args.no_split:
-            split = callers.run("seq", f"127.0.0.1:{cp.split_port}", args.split_calls, 2)
-            s = [b - a for a, b in split]
-            print(f"   relay as a separate process from the gateway (today's controlplane image), "
-                  f"{args.split_calls} calls:")
-            print(f"     p50 {ms(pct(s, 50))}   p99 {ms(pct(s, 99))}   (no cross-process wake-up: both long polls "
-                  f"fall back to the {cp.queue.RECHECK_SECONDS:.1f} s database re-check)")
         agent.ask("events")
+        alone = agent.ask("replay")
+        print(f"   the agent's replay of Ping alone (GrpcReplayer from the agent process's main thread, 300 calls): "
+              f"p50 {ms(pct(alone, 50))}  p99 {ms(pct(alone, 99))}")
         print("   the agent's cost of one request to the gateway, nothing queued (200 each):")
         cp.events.clear()
         for name, samples in agent.ask("rtt").items():
