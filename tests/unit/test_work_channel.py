@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 
 from appliance.agent.channel import WorkChannel, channel_url
 from appliance.agent.connected import ConnectedAgent, DesiredLocations
-from appliance.agent.grpc_replay import GrpcReplayer
+from appliance.agent.grpc_replay import CHANNEL_OPTIONS, GrpcReplayer
 from appliance.agent.identity import ensure_enrolled, load_or_create_key
 from appliance.agent.status import ApplianceStatus
 from appliance.agent.transport import GatewayClient, GatewayError, https_client
@@ -215,7 +215,7 @@ class Stack:
         while not self.server.started and time.monotonic() < deadline:
             time.sleep(0.02)
         self.code = EchoCodeServer()
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(4))
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(4), options=CHANNEL_OPTIONS)
         self.grpc.add_generic_rpc_handlers([self.code])
         self.code_address = f"127.0.0.1:{self.grpc.add_insecure_port('127.0.0.1:0')}"
         self.grpc.start()
@@ -268,7 +268,7 @@ class Stack:
             time.sleep(0.02)
 
     def ping(self, text: str = "hello", timeout: float = 10.0) -> str:
-        with grpc.insecure_channel(f"127.0.0.1:{self.relay_port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{self.relay_port}", options=CHANNEL_OPTIONS) as channel:
             return decode_echo(channel.unary_unary(PING)(encode_echo(text), timeout=timeout))
 
     def work_rows(self) -> int:
@@ -307,6 +307,14 @@ def test_a_relayed_call_goes_down_the_channel_without_touching_the_queue(stack: 
     assert stack.work_rows() == rows_before  # no GRPC_CALL row: it never went through the database
     opened = [e for e in stack.audit() if e.operation.startswith("channel ") and "opened" in e.reason]
     assert opened and opened[0].accepted
+
+
+def test_messages_far_over_the_gateways_body_limit_cross_the_channel(stack: Stack) -> None:
+    """Dagster allows 100 MB messages; a 30 MB request and answer (base64 in JSON: ~40 MB frames) go through."""
+    stack.agent("a1")
+    stack.wait_for_channels(1)
+    big = "x" * (30 * 1024 * 1024)
+    assert stack.ping(big, timeout=60) == big
 
 
 def test_without_a_channel_the_call_is_queued_and_a_channel_opened_later_takes_it(stack: Stack) -> None:
