@@ -197,7 +197,7 @@ class ConnectedAgent:
                 step()
                 delay = 0.5
             except Exception as exc:  # gateway refusals, network trouble, bad answers: all retried
-                wait = delay * (0.5 + random.random())
+                wait = min(delay * (0.5 + random.random()), 30.0)
                 log.warning("%s failed (%s: %s); retrying in %.1f s", getattr(step, "__name__", "call"),
                             type(exc).__name__, exc, wait)
                 stop.wait(wait)
