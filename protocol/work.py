@@ -39,3 +39,22 @@ def sign_work(key: Any, item_id: str, kind: str, queue: str, payload: Any, attem
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return {"id": item_id, "kind": kind, "queue": queue, "payload": text, "attempt": attempt,
             "signature": key.sign_bytes(work_signing_bytes(item_id, kind, queue, text)), "signedBy": key.key_id}
+
+
+def ok_result(work_id: str, value: dict[str, Any]) -> dict[str, Any]:
+    """The result entry (postResults' and the work channel's shape) for work that succeeded with `value`."""
+    return {"id": work_id, "ok": True, "payload": json.dumps(value, separators=(",", ":"))}
+
+
+def failed_result(work_id: str, error: str) -> dict[str, Any]:
+    """The result entry for work that failed, with the message the control plane records."""
+    return {"id": work_id, "ok": False, "error": error}
+
+
+def read_result(entry: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(value, error) of a result entry; an error means the work failed. ValueError if the payload is not JSON."""
+    try:
+        value = json.loads(entry["payload"]) if entry.get("payload") else None
+    except (TypeError, json.JSONDecodeError):
+        raise ValueError(f"result {entry.get('id')}: payload is not JSON") from None
+    return value, None if entry.get("ok") else (entry.get("error") or "failed without a message")

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from appliance.agent.channel import WorkChannel
-from appliance.agent.dispatcher import Dispatcher, Handler, HandlerError, Starter, ok_result
+from appliance.agent.dispatcher import Dispatcher, Handler, HandlerError, Starter
 from appliance.agent.reconciler import Reconciler
 from appliance.agent.results import ResultBatcher
 from appliance.agent.runs import RunManager
 from appliance.agent.status import write_status
 from appliance.agent.transport import GatewayClient
 from appliance.policy import Location, Policy, PolicyError, locations_from_data
-from protocol.work import SignedWork, WorkKind
+from protocol.work import SignedWork, WorkKind, failed_result, ok_result
 
 log = logging.getLogger("airlock.agent.connected")
 DESIRED_FILE = "desired.json"
@@ -156,7 +156,7 @@ class ConnectedAgent:
                 return True
         except Exception as exc:  # like a handler bug: answer, do not leave the caller waiting
             log.exception("work %s (%s) failed to start", work.id, work.kind.value)
-            reply({"id": work.id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            reply(failed_result(work.id, f"{type(exc).__name__}: {exc}"))
             self._started.release()
             return True
         self._started.release()
@@ -168,7 +168,7 @@ class ConnectedAgent:
                 if channel.send_results([result]):
                     return
             except ValueError as exc:  # larger than a frame may be: the caller still gets an answer
-                if channel.send_results([{"id": result["id"], "ok": False, "error": str(exc)}]):
+                if channel.send_results([failed_result(result["id"], str(exc))]):
                     return
             if work.signed_by.startswith("channel:"):
                 log.info("dropping the answer to relayed call %s: its channel closed and the gateway re-queued it",

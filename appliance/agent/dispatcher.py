@@ -3,13 +3,12 @@ and hand every outcome — success or failure — to the result batcher."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from protocol.work import SignedWork, WorkKind
+from protocol.work import SignedWork, WorkKind, failed_result, ok_result
 
 log = logging.getLogger("airlock.agent.dispatch")
 Handler = Callable[[SignedWork], dict[str, Any]]
@@ -38,15 +37,10 @@ class Dispatcher:
                 raise HandlerError(f"this agent does not handle {work.kind.value} yet")
             on_result(ok_result(work.id, handler(work)))
         except HandlerError as exc:
-            on_result({"id": work.id, "ok": False, "error": str(exc)})
+            on_result(failed_result(work.id, str(exc)))
         except Exception as exc:  # a handler bug must still answer, or the caller waits for nothing
             log.exception("work %s (%s) failed", work.id, work.kind.value)
-            on_result({"id": work.id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            on_result(failed_result(work.id, f"{type(exc).__name__}: {exc}"))
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=False)
-
-
-def ok_result(work_id: str, value: dict[str, Any]) -> dict[str, Any]:
-    """The result entry for work that succeeded with `value` (postResults' and the channel's shape)."""
-    return {"id": work_id, "ok": True, "payload": json.dumps(value, separators=(",", ":"))}

@@ -36,7 +36,7 @@ from protocol.channel import (
     gateway_hello,
 )
 from protocol.signing import SigningKey
-from protocol.work import sign_work
+from protocol.work import read_result, sign_work
 
 __all__ = ["AgentChannel", "ChannelHub", "ChannelLost"]
 
@@ -137,8 +137,7 @@ class AgentChannel:
     def _complete(self, results: Sequence[dict[str, Any]]) -> None:
         for r in results:
             try:
-                value = json.loads(r["payload"]) if r.get("payload") else None
-                error = None if r.get("ok") else (r.get("error") or "failed without a message")
+                value, error = read_result(r)
                 self._queue.complete(str(r["id"]), self.agent.id, result=value, error=error)
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("channel %s: dropping a malformed result %r: %s", self.id, str(r)[:200], exc)

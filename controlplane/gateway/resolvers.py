@@ -4,7 +4,6 @@ No SQL and no crypto here; authentication already happened in auth.py."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from protocol.errors import SignatureError
 from protocol.keys import rotation_message
 from protocol.signing import SigningKey, key_id_of, load_public_key, verify_bytes
 from protocol.storage_calls import StorageCallRefused
-from protocol.work import sign_work
+from protocol.work import read_result, sign_work
 
 MAX_WAIT_SECONDS = 30
 MAX_BATCH = 64
@@ -161,10 +160,9 @@ def bind() -> Resolvers:
         accepted = 0
         for r in results[:MAX_BATCH * 4]:
             try:
-                result = json.loads(r["payload"]) if r.get("payload") else None
-            except json.JSONDecodeError:
-                raise GraphQLError(f"result {r['id']}: payload is not JSON") from None
-            error = None if r["ok"] else (r.get("error") or "failed without a message")
+                result, error = read_result(r)
+            except ValueError as exc:
+                raise GraphQLError(str(exc)) from None
             accepted += ctx.queue.complete(r["id"], caller.agent.id, result=result, error=error)
         ctx.store.audit(operation="postResults", accepted=True, reason=f"{accepted}/{len(results)} accepted",
                         key_id=caller.key_id, agent_id=caller.agent.id)

@@ -11,7 +11,6 @@ the lost channel's agent had already started it; every relayed method is a read 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from controlplane.gateway.channel import ChannelHub, ChannelLost
 from controlplane.relay.server import CallQueue, agent_answer
 from protocol.grpc_calls import GrpcResult
-from protocol.work import WorkKind
+from protocol.work import WorkKind, read_result
 
 __all__ = ["ChannelCalls"]
 
@@ -47,7 +46,7 @@ class ChannelCalls:
         if outcome is None:
             return None
         try:
-            result = json.loads(outcome["payload"]) if outcome.get("payload") else None
-        except (TypeError, ValueError):
+            result, error = read_result(outcome)
+        except ValueError:
             return GrpcResult.failure("INTERNAL", "airlock relay: the agent's answer is not JSON")
-        return agent_answer(bool(outcome.get("ok")), result, outcome.get("error"))
+        return agent_answer(error is None, result, error)
