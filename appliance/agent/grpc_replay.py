@@ -59,8 +59,7 @@ class GrpcReplayer:
         checked = self._check(payload)
         if isinstance(checked, GrpcResult):
             return checked
-        call, method = checked
-        timeout = call.deadline if call.deadline is not None else self._default_timeout
+        call, method, timeout = checked
         channel = self._channel(address)
         responses: list[bytes] = []
         try:
@@ -81,10 +80,9 @@ class GrpcReplayer:
         if isinstance(checked, GrpcResult):
             on_result(checked.to_result())
             return True
-        call, method = checked
+        call, method, timeout = checked
         if method.arity is Arity.UNARY_STREAM:
             return False
-        timeout = call.deadline if call.deadline is not None else self._default_timeout
         future = self._channel(address).unary_unary(call.method).future(call.request, timeout=timeout)
 
         def done(finished: grpc.Future) -> None:
@@ -99,8 +97,8 @@ class GrpcReplayer:
         future.add_done_callback(done)
         return True
 
-    def _check(self, payload: Mapping[str, Any]) -> tuple[GrpcCall, GrpcMethod] | GrpcResult:
-        """The call and its table entry, or the failure to answer with (malformed, or not relayed)."""
+    def _check(self, payload: Mapping[str, Any]) -> tuple[GrpcCall, GrpcMethod, float] | GrpcResult:
+        """The call, its table entry and its timeout, or the failure to answer with (malformed, or not relayed)."""
         try:
             call = GrpcCall.from_payload(payload)
         except GrpcCallError as exc:
@@ -111,7 +109,7 @@ class GrpcReplayer:
             log.warning("GRPC-REPLAY-DECISION location=%s method=%s decision=refuse reason=%r",
                         call.location, call.method, reason)
             return GrpcResult.failure("PERMISSION_DENIED", f"airlock agent refuses {call.method}: {reason}")
-        return call, method
+        return call, method, call.deadline if call.deadline is not None else self._default_timeout
 
     def forget(self, address: str) -> None:
         """Close and drop the channel to a code server that was replaced or removed."""
