@@ -534,7 +534,7 @@ class ControlPlane:
     """The gateway (uvicorn + TLS, SQLite file) and the relay on one event loop thread, as serve_gateway runs them:
     relayed calls go straight down an agent's work channel when one is open (controlplane/relay/calls.py)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, loop: str = "auto") -> None:
         import uvicorn
 
         from controlplane.gateway.app import build_app
@@ -557,7 +557,7 @@ class ControlPlane:
         config = uvicorn.Config(GatewayTimes(self.app, self.events), host="127.0.0.1", port=self.port,
                                 ssl_certfile=str(self.tls.cert), ssl_keyfile=str(self.tls.key),
                                 log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
-                                ws_max_size=MAX_FRAME_BYTES, ws_per_message_deflate=False)
+                                ws_max_size=MAX_FRAME_BYTES, ws_per_message_deflate=False, loop=loop)
         self.server = uvicorn.Server(config)
         self.probe = Probe()
         for method in ("enqueue", "claim", "complete", "result", "_has_work"):
@@ -593,7 +593,7 @@ class ControlPlane:
 
         calls = TimedChannelCalls(self.app.state.hub, TimedQueueCalls(self.queue, route), DEPLOYMENT, QUEUE)
         self.relay = RelayServer(LOCATION, calls)
-        self.loop = asyncio.new_event_loop()
+        self.loop = (config.get_loop_factory() or asyncio.new_event_loop)()  # as serve_gateway picks it
         self.thread = threading.Thread(target=self.loop.run_forever, name="bench-control-plane", daemon=True)
         self.served: Any = None
         self.relay_port = 0
@@ -848,6 +848,8 @@ def main() -> int:
     parser.add_argument("--fresh-calls", type=int, default=100, help="calls with a new channel each (100)")
     parser.add_argument("--poll", action="store_true",
                         help="the agent long-polls instead of holding a work channel (AIRLOCK_WORK_CHANNEL=poll)")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="the gateway's event loop, as uvicorn's --loop (auto, as shipped: uvloop if installed)")
     parser.add_argument("--image", help="code server image (default: build/reuse example-location)")
     args = parser.parse_args()
 
@@ -874,7 +876,7 @@ def main() -> int:
         code_server = CodeServer(image, run_id)
         ip = code_server.start()
         direct = code_server.address
-        cp = ControlPlane(workdir)
+        cp = ControlPlane(workdir, args.loop)
         cp.start()
         relayed = f"127.0.0.1:{cp.relay_port}"
         state = workdir / "agent-state"
@@ -889,7 +891,8 @@ def main() -> int:
             wait_until(lambda: cp.channels() == 1, 30, "the agent's work channel")
         callers = Child(ctx, caller_main, name="bench-callers")
         print(f"code server  {image} at {direct} (hardened, internal network airlock-bench-{run_id})")
-        print(f"gateway      {cp.base_url} (uvicorn, TLS, SQLite file {cp.sqlite_mode()}"
+        print(f"gateway      {cp.base_url} (uvicorn, TLS, {type(cp.loop).__module__.split('.')[0]} event loop, "
+              f"SQLite file {cp.sqlite_mode()}"
               f", as shipped); relay {relayed} in the same process")
         print(f"agent        real ConnectedAgent in its own process, work by "
               f"{'the work channel (WebSocket, as shipped)' if mode == 'channel' else 'long poll (--poll)'}; "

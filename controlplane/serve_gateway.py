@@ -9,7 +9,9 @@ other through the database re-check (0.5 s), which measured ~500 ms per relayed 
 The control plane's signing key and TLS material are created on first start in the state directory, unless
 `airlock-cp tls init` made the TLS material beforehand (on-prem: one CA and certificate for every replica).
 uvicorn handles signals: the first stops accepting and drains in-flight requests (long polls end at
-their wait), a second forces exit; the relay listeners stop after it.
+their wait), a second forces exit; the relay listeners stop after it. The event loop is the one uvicorn picks
+(`loop="auto"`): uvloop, which the control plane image installs; its TLS and socket paths are compiled, where
+asyncio's TLS is Python (docs/BENCHMARKS.md, relay section).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import uvicorn
 
 from controlplane.db import create_engine
 from controlplane.gateway.app import build_app
+from controlplane.gateway.auth import quiet_refused_upgrades
 from controlplane.registry import Registry
 from controlplane.relay.manager import serve as serve_relays
 from controlplane.settings import ControlPlaneSettings
@@ -50,7 +53,8 @@ def main() -> None:
     config = uvicorn.Config(app, host=settings.gateway_host, port=settings.gateway_port, ssl_certfile=str(tls.cert),
                             ssl_keyfile=str(tls.key), timeout_graceful_shutdown=35, log_level="info",
                             access_log=False,  # every request is in the audit log; one line per long poll is noise
-                            ws_max_size=MAX_FRAME_BYTES, ws_per_message_deflate=False)
+                            ws_max_size=MAX_FRAME_BYTES, ws_per_message_deflate=False, loop="auto")
+    quiet_refused_upgrades()  # after uvicorn.Config, which configures uvicorn's loggers
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -62,7 +66,8 @@ def main() -> None:
             stop.set()
             await relays
 
-    asyncio.run(run())
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(run())
 
 
 if __name__ == "__main__":
