@@ -203,7 +203,11 @@ def _reload(ctx: _Context) -> int:
               file=sys.stderr)
         return 1
     for load in loads:
-        print(f"webserver: {load.name} {load.status}" + (f" — {load.error}" if load.error else ""))
+        if load.error:  # e.g. UNAVAILABLE until the appliance has started the location's code server
+            print(f"webserver: {load.name} ERROR (airlock reloads it when its appliance reports a change): "
+                  f"{load.error.strip()}")
+        else:
+            print(f"webserver: {load.name} {load.state}")
     return 0
 
 

@@ -53,7 +53,7 @@ def sync_once(registry: Registry, store: AgentStore, workspace_path: str, webser
     except WorkspaceReloadError as exc:
         log.warning("webserver reload failed, will retry: %s", exc)
         return last
-    log.info("workspace reloaded: %s", ", ".join(f"{loc.name}={loc.status}" for loc in loads) or "no locations")
+    log.info("workspace reloaded: %s", ", ".join(f"{loc.name}={loc.state}" for loc in loads) or "no locations")
     return current
 
 

@@ -68,8 +68,13 @@ class LocationLoad:
     """One location as the webserver sees it after the reload; `error` is its load error, if any."""
 
     name: str
-    status: str  # LOADING | LOADED
+    status: str  # Dagster's loadStatus: LOADING | LOADED (LOADED also when the load failed: see `state`)
     error: str | None
+
+    @property
+    def state(self) -> str:
+        """LOADED, LOADING or ERROR: what an operator means by the word (Dagster's LOADED includes failures)."""
+        return "ERROR" if self.error else self.status
 
 
 def render_workspace(records: Iterable[LocationRecord], relay_host: str = DEFAULT_RELAY_HOST) -> str:

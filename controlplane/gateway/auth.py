@@ -8,12 +8,15 @@ The work channel's WebSocket upgrade (GET /v1/channel, protocol/channel.py) is c
 signature covers the empty body's digest and the query, which carries the queues and the agent's ephemeral
 key); only an enrolled, active agent may open one, for queues among its labels. A refused upgrade gets the
 same JSON answer as an HTTP status, where the server supports the ASGI denial response (uvicorn does).
+`quiet_refused_upgrades` keeps uvicorn from logging each such refusal as an ERROR.
 """
 
 from __future__ import annotations
 
 import base64
+import contextvars
 import json
+import logging
 import re
 import time
 import urllib.parse
@@ -33,6 +36,8 @@ from protocol.signing import ENROLL_KEY_HEADER, NonceCache, RequestVerifier, Ver
 DEFAULT_MAX_BODY = 1024 * 1024  # anyone's request
 AGENT_MAX_BODY = 8 * 1024 * 1024  # a request naming an enrolled, unrevoked agent's key: spooled run metadata
 _KEY_ID = re.compile(r'keyid="([^"]{1,200})"')
+_upgrade_refused: contextvars.ContextVar[bool] = contextvars.ContextVar("airlock_upgrade_refused", default=False)
+_INCOMPLETE_HANDSHAKE = "ASGI callable returned without completing handshake."
 
 
 @dataclass(frozen=True)
@@ -242,3 +247,19 @@ async def _refuse_websocket(scope: Scope, receive: Receive, send: Send, refusal:
     await send({"type": "websocket.http.response.start", "status": refusal.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "websocket.http.response.body", "body": body})
+    _upgrade_refused.set(True)  # this connection's task only: see quiet_refused_upgrades
+
+
+class _RefusedUpgradeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_upgrade_refused.get() and record.getMessage() == _INCOMPLETE_HANDSHAKE)
+
+
+def quiet_refused_upgrades(logger: logging.Logger | None = None) -> None:
+    """Stop uvicorn (websockets-sansio) logging "ASGI callable returned without completing handshake." at ERROR
+    after every upgrade this middleware refused: it forgets that a denial response ends the handshake
+    (Kludex/uvicorn pull request 3138). The filter drops that one line only in the connection whose upgrade was
+    refused here, so an app that really returns without answering still logs it. Idempotent."""
+    logger = logger or logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _RefusedUpgradeFilter) for f in logger.filters):
+        logger.addFilter(_RefusedUpgradeFilter())

@@ -20,6 +20,7 @@ from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import Registry, RegistryError
 from controlplane.workspace import (
+    LocationLoad,
     WorkspaceReloadError,
     reload,
     render_workspace,
@@ -352,6 +353,19 @@ def test_reload_sends_the_mutation_and_reads_location_errors() -> None:
     assert "reloadWorkspace" in seen[0]["query"] and "locationEntries" in seen[0]["query"]
     assert [(x.name, x.status, x.error) for x in loads] == [
         ("alpha", "LOADED", None), ("beta", "LOADED", "ModuleNotFoundError: beta")]
+    assert [x.state for x in loads] == ["LOADED", "ERROR"]  # Dagster's LOADED includes a failed load
+
+
+def test_cli_reload_reports_a_failed_load_as_error(cli: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    loads = (LocationLoad("alpha", "LOADED", None), LocationLoad("beta", "LOADED", "DagsterUserCodeUnreachableError"))
+    monkeypatch.setattr("controlplane.cli.reload", lambda url: loads)
+    assert main(["--webserver-url", "http://dagster:3000", "workspace", "render", "--deployment", "prod",
+                 "--out", str(tmp_path / "w.yaml"), "--reload"]) == 0
+    out = capsys.readouterr().out
+    assert "webserver: alpha LOADED\n" in out
+    assert "webserver: beta ERROR (airlock reloads it when its appliance reports a change): " \
+           "DagsterUserCodeUnreachableError" in out and "beta LOADED" not in out
 
 
 @pytest.mark.parametrize(("status", "body", "match"), [

@@ -5,7 +5,9 @@ a channel, and a fake code server. Each refusal is shown next to the same action
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -28,6 +30,7 @@ from appliance.agent.identity import ensure_enrolled, load_or_create_key
 from appliance.agent.status import ApplianceStatus
 from appliance.agent.transport import GatewayClient, GatewayError, https_client
 from appliance.policy import load_policy
+from controlplane.gateway import auth as gateway_auth
 from controlplane.gateway import channel as gateway_channel
 from controlplane.gateway.app import build_app
 from controlplane.gateway.channel import ChannelLost
@@ -206,6 +209,7 @@ class Stack:
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, ssl_certfile=str(self.tls.cert),
                                 ssl_keyfile=str(self.tls.key), log_level="warning", ws_max_size=MAX_FRAME_BYTES,
                                 ws_per_message_deflate=False, timeout_graceful_shutdown=2)
+        gateway_auth.quiet_refused_upgrades()  # as serve_gateway does
         self.server = uvicorn.Server(config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -368,20 +372,55 @@ def _refused(stack: Stack, client: GatewayClient | None, **kwargs: Any) -> tuple
     return response.status_code, json.loads(response.body)["errors"][0]["message"]
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_upgrades_that_are_not_an_enrolled_agents_are_refused_with_a_reason(stack: Stack) -> None:
-    client = stack.client("a1")
-    connection, sent = _upgrade(stack, client)  # allowed: the same request, signed by an enrolled key
-    assert json.loads(connection.recv(timeout=5))["channel"]
-    connection.close()
-    assert _refused(stack, None)[0] == 401  # unsigned
-    status, message = _refused(stack, client, replay=sent)  # the same signed upgrade again
-    assert status == 401 and "nonce" in message.lower()
-    assert _refused(stack, client, queues="gpu") == (403, "queues ['gpu'] are not among this agent's labels")
-    stranger = GatewayClient(https_client(stack.base_url, str(stack.tls.ca_cert)), SigningKey.generate())
-    status, message = _refused(stack, stranger)
-    assert status == 401 and "not registered" in message
-    refused = [e for e in stack.audit() if e.operation == "GET /v1/channel" and not e.accepted]
-    assert len(refused) == 4
+    uvicorn_log = _Records()
+    logging.getLogger("uvicorn.error").addHandler(uvicorn_log)
+    try:
+        client = stack.client("a1")
+        connection, sent = _upgrade(stack, client)  # allowed: the same request, signed by an enrolled key
+        assert json.loads(connection.recv(timeout=5))["channel"]
+        connection.close()
+        assert _refused(stack, None)[0] == 401  # unsigned
+        status, message = _refused(stack, client, replay=sent)  # the same signed upgrade again
+        assert status == 401 and "nonce" in message.lower()
+        assert _refused(stack, client, queues="gpu") == (403, "queues ['gpu'] are not among this agent's labels")
+        stranger = GatewayClient(https_client(stack.base_url, str(stack.tls.ca_cert)), SigningKey.generate())
+        status, message = _refused(stack, stranger)
+        assert status == 401 and "not registered" in message
+        refused = [e for e in stack.audit() if e.operation == "GET /v1/channel" and not e.accepted]
+        assert len(refused) == 4
+        # A refusal is an answer, not a server error: nothing at ERROR in uvicorn's log (its sansio bug, filtered).
+        assert [r.getMessage() for r in uvicorn_log.records if r.levelno >= logging.ERROR] == []
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(uvicorn_log)
+
+
+def test_the_refused_upgrade_filter_drops_only_uvicorns_line_after_a_refusal() -> None:
+    logger = logging.getLogger(f"test-quiet-{time.monotonic_ns()}")
+    logger.propagate, seen = False, _Records()
+    logger.addHandler(seen)
+    gateway_auth.quiet_refused_upgrades(logger)
+    gateway_auth.quiet_refused_upgrades(logger)
+    assert len(logger.filters) == 1
+    incomplete = "ASGI callable returned without completing handshake."
+
+    def refused_connection() -> None:
+        gateway_auth._upgrade_refused.set(True)
+        logger.error(incomplete)  # dropped: this connection's upgrade was refused by the middleware
+        logger.error("Exception in ASGI application")  # any other error still shows
+
+    contextvars.copy_context().run(refused_connection)
+    logger.error(incomplete)  # an app that really returned without answering: still an ERROR
+    assert [r.getMessage() for r in seen.records] == ["Exception in ASGI application", incomplete]
 
 
 def test_a_revoked_agent_cannot_open_a_channel_and_its_open_one_is_closed(stack: Stack, monkeypatch) -> None:
