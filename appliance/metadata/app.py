@@ -3,7 +3,9 @@
 Run workers (TCP, on every location network), each request with `Authorization: Bearer <run token>`:
 
     POST /v1/write   spooled writes ({"writes": [...]}, or one record): 200 once all are on disk (one fsync),
-                     503 when the spool is full (retry later); a batch with one bad record is refused whole
+                     503 when the spool is full (retry later); a batch with one bad record is refused whole,
+                     413 if a record alone is over MAX_RECORD_BYTES: it could never be forwarded, and a
+                     record the gateway refuses would hold up every write behind it
     POST /v1/call    a call that needs its answer; forwarded after this run's earlier writes
 
 The agent (a Unix socket in the appliance, never on a network):
@@ -28,12 +30,18 @@ from starlette.routing import Route
 
 from appliance.metadata.spool import Spool, SpoolFull
 from appliance.metadata.tokens import RunScope, RunTokens, TokenRefused
+from protocol.limits import AGENT_MAX_BODY
 from protocol.storage_calls import CALLS
 
 __all__ = ["RelayState", "StorageCalls", "control_app", "worker_app"]
 
 log = logging.getLogger("airlock.metadata")
 MAX_BODY = 64 * 1024 * 1024  # a step's compute log (50 MB by default) plus its encoding
+MAX_RECORD_BYTES = AGENT_MAX_BODY - 64 * 1024  # one record, JSON-encoded, in a storageWrite/storageCall request
+
+
+class RecordTooLarge(ValueError):
+    """A record that would not fit in one request to the control plane (protocol/limits.py)."""
 MAX_WRITES = 10_000  # records in one write request (userland sends at most 1,000)
 EXIT_METHOD = "airlock.run_exited"  # only the agent's control socket can spool this one
 
@@ -77,7 +85,13 @@ def _record(data: dict[str, Any], mode: str) -> dict[str, Any]:
     for name, kind in (("args", str), ("kwargs", str), ("client", str), ("seq", int)):
         if not isinstance(data.get(name), kind):
             raise ValueError(f"{name} must be a {kind.__name__}")
-    return {k: data[k] for k in ("method", "args", "kwargs", "client", "seq")}
+    record = {k: data[k] for k in ("method", "args", "kwargs", "client", "seq")}
+    size = len(json.dumps(record))  # never less than the agent's request carries (httpx: compact UTF-8)
+    if size > MAX_RECORD_BYTES:
+        raise RecordTooLarge(f"{method} of {size} bytes is over the {MAX_RECORD_BYTES} bytes one storage record "
+                             "may have on its way to the control plane (keep large data in the asset's own "
+                             "storage, not in event metadata)")
+    return record
 
 
 def _writes(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -92,7 +106,7 @@ def _writes(data: dict[str, Any]) -> list[dict[str, Any]]:
         try:
             records.append(_record(item if isinstance(item, dict) else {}, "write"))
         except ValueError as exc:
-            raise ValueError(f"writes[{index}]: {exc}") from None
+            raise type(exc)(f"writes[{index}]: {exc}") from None  # RecordTooLarge stays one (413)
     return records
 
 
@@ -117,7 +131,7 @@ def worker_app(state: RelayState) -> Starlette:
                 record = _record(data, mode)
         except ValueError as exc:
             log.warning("refused a %s of run %s: %s", mode, scope.run_id, exc)
-            return _error(400, str(exc))
+            return _error(413 if isinstance(exc, RecordTooLarge) else 400, str(exc))
         if mode == "write" and scope.location_wide:
             log.warning("refused a write with the location token of %s", scope.location)
             return _error(403, "a location token may only read")

@@ -40,15 +40,22 @@ class Forwarder:
                 with self.spool.changed:
                     self.spool.changed.wait(timeout=1.0)
                 continue
-            try:
-                for run_id in runs:
+            failed: Exception | None = None
+            for run_id in runs:
+                try:
                     self.forward_one(run_id)
+                except Exception as exc:  # control plane down, network, refusal of the whole batch: retry
+                    failed = exc
+                    if getattr(exc, "status", None) is None:
+                        break  # not answered: the control plane is away for every run alike
+                    # answered with a refusal of this run's batch: the other runs still go
+            if failed is None:
                 delay = 0.2
-            except Exception as exc:  # control plane down, network, refusal of the whole batch: retry
-                wait = delay * (0.5 + random.random())
-                log.warning("forwarding failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, wait)
-                stop.wait(wait)
-                delay = min(delay * 2, 10.0)
+                continue
+            wait = delay * (0.5 + random.random())
+            log.warning("forwarding failed (%s: %s); retrying in %.1f s", type(failed).__name__, failed, wait)
+            stop.wait(wait)
+            delay = min(delay * 2, 10.0)
 
     def forward_one(self, run_id: str) -> int:
         batch = self.spool.read_batch(run_id, max_records=self.max_records, max_bytes=self.max_bytes)

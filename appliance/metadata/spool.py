@@ -120,9 +120,11 @@ class Spool:
         records, offset = [], start
         with open(run.path / "log", "rb") as f:
             f.seek(start)
-            while offset < size and len(records) < max_records and offset - start < max_bytes:
+            while offset < size and len(records) < max_records:
                 line = f.readline()
                 if not line.endswith(b"\n"):
+                    break
+                if records and offset - start + len(line) > max_bytes:  # a batch over max_bytes only if alone
                     break
                 records.append(json.loads(line))
                 offset += len(line)

@@ -31,10 +31,9 @@ from controlplane.gateway.documents import parse_cached
 from controlplane.gateway.store import AgentRecord, AgentStore
 from protocol.channel import CHANNEL_PATH
 from protocol.errors import SignatureError
+from protocol.limits import AGENT_MAX_BODY, DEFAULT_MAX_BODY
 from protocol.signing import ENROLL_KEY_HEADER, NonceCache, RequestVerifier, Verified, key_id_of, load_public_key
 
-DEFAULT_MAX_BODY = 1024 * 1024  # anyone's request
-AGENT_MAX_BODY = 8 * 1024 * 1024  # a request naming an enrolled, unrevoked agent's key: spooled run metadata
 _KEY_ID = re.compile(r'keyid="([^"]{1,200})"')
 _upgrade_refused: contextvars.ContextVar[bool] = contextvars.ContextVar("airlock_upgrade_refused", default=False)
 _INCOMPLETE_HANDSHAKE = "ASGI callable returned without completing handshake."

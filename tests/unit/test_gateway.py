@@ -15,10 +15,12 @@ import sqlalchemy as sa
 from starlette.testclient import TestClient
 
 from appliance.agent import operations
+from appliance.agent.results import MAX_RESULT_BYTES, ResultBatcher
 from appliance.agent.transport import GatewayClient, GatewayError
 from controlplane.gateway.app import build_app
 from protocol.errors import SignatureError
 from protocol.signing import SigningKey, sign_request
+from protocol.work import ok_result
 
 URL = "https://gateway/graphql"
 
@@ -182,6 +184,50 @@ def test_oversized_body_is_refused_before_anything_else(gw: Gateway) -> None:
     assert response.status_code == 413 and "8388608 bytes" in response.json()["errors"][0]["message"]
     gw.store.revoke(gw.store.by_key(enrolled.key.key_id).id)
     assert gw.http.post("/graphql", content=two_mb, headers=signed(enrolled.key, two_mb)).status_code == 413
+
+
+def _claimed_calls(gw: Gateway, agent: GatewayClient, count: int) -> list[str]:
+    agent.claim_work(["default"], wait_seconds=0)  # the enrollment's RECONCILE_LOCATIONS
+    ids = [gw.queue.enqueue("prod", "default", "GRPC_CALL", {"method": "Ping", "n": i}) for i in range(count)]
+    assert sorted(w.id for w in agent.claim_work(["default"], wait_seconds=0, limit=count)) == sorted(ids)
+    return ids
+
+
+def _finished(gw: Gateway, ids: list[str], timeout: float = 30.0) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        results = [gw.queue.result(i) for i in ids]
+        if all(results):
+            return results
+        time.sleep(0.05)
+    raise AssertionError(f"{sum(r is None for r in results)} of {len(ids)} results never arrived")
+
+
+@pytest.mark.parametrize("trust_estimate", [True, False])
+def test_results_over_the_body_limit_are_split_or_answered_with_an_error_and_nothing_waits(
+        gw: Gateway, trust_estimate: bool) -> None:
+    """The gateway refuses a postResults over 8 MB however often it is sent: the batcher must keep under it (its
+    own estimate; or, with the estimate off, by halving what the gateway refuses as too large)."""
+    agent, posts = gw.agent(), []
+
+    def post(results: list[dict]) -> int:
+        posts.append(len(results))
+        return agent.post_results(results)
+
+    batcher = ResultBatcher(post, max_bytes=MAX_RESULT_BYTES if trust_estimate else 1 << 40)
+    try:
+        medium, huge, small = _claimed_calls(gw, agent, 40), *_claimed_calls(gw, agent, 2)
+        for i in medium:  # 40 x 300 kB: 12 MB in all, over the limit only together
+            batcher.add(ok_result(i, {"blob": "x" * 300_000}))
+        batcher.add(ok_result(huge, {"blob": "x" * (9 * 1024 * 1024)}))  # over the limit alone
+        batcher.add(ok_result(small, {"answer": 1}))  # behind it, and not held up by it
+        done = _finished(gw, [*medium, huge, small])
+    finally:
+        batcher.close()
+    assert all(r.status == "done" and len(r.result["blob"]) == 300_000 for r in done[:40])
+    assert done[40].status == "failed" and ("too large" in done[40].error or "over the" in done[40].error)
+    assert done[41].status == "done" and done[41].result == {"answer": 1}
+    assert len(posts) >= 3 and sum(1 for n in posts if n > 1) >= 1  # batched, not one POST per result
 
 
 def test_enrollment_token_used_or_expired_is_refused(gw: Gateway) -> None:

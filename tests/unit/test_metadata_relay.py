@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from appliance.metadata.app import EXIT_METHOD, RelayState, control_app, worker_app
+from appliance.agent.transport import GatewayError
+from appliance.metadata.app import EXIT_METHOD, MAX_RECORD_BYTES, RelayState, control_app, worker_app
 from appliance.metadata.forwarder import Forwarder
 from appliance.metadata.spool import Spool, SpooledBatch, SpoolFull
 from appliance.metadata.tokens import RunScope, RunTokens, TokenRefused
@@ -97,6 +98,22 @@ def test_a_batch_bigger_than_the_bound_still_goes_into_an_empty_spool(tmp_path: 
     spool.append_many(RUN, "example", big)
 
 
+def test_a_batch_stays_under_max_bytes_and_a_record_over_it_goes_alone(tmp_path: Path) -> None:
+    """A batch may only pass max_bytes when it is one record, so a forwarded request stays under the gateway's
+    limit: small records then a large one are two batches, not one over the limit."""
+    spool = Spool(tmp_path)
+    small = [_record(n) for n in range(1, 4)]
+    large = {**_record(4), "args": json.dumps(["x" * 5000])}
+    spool.append_many(RUN, "example", [*small, large, _record(5)])
+    first = spool.read_batch(RUN, max_bytes=1000)
+    assert [r["seq"] for r in first.records] == [1, 2, 3]
+    spool.ack(RUN, first.end)
+    second = spool.read_batch(RUN, max_bytes=1000)
+    assert [r["seq"] for r in second.records] == [4]  # over max_bytes alone: sent by itself
+    spool.ack(RUN, second.end)
+    assert [r["seq"] for r in spool.read_batch(RUN, max_bytes=1000).records] == [5]
+
+
 def test_an_ended_runs_files_go_once_everything_is_forwarded(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.append(RUN, "example", _record(1))
@@ -141,6 +158,52 @@ def test_forwarder_sends_in_order_retries_failures_and_passes_over_refusals(tmp_
     thread.join(5)
     assert sent == [[1, 2, 3], [4, 5, 6], [7]]  # the failed first attempt was sent again, nothing skipped
     assert spool.pending_of(RUN) == 0
+
+
+def test_a_batch_the_control_plane_refuses_holds_up_only_its_own_run(tmp_path: Path) -> None:
+    """A refusal answered for one run's batch (say 413) is retried for that run alone; other runs still go. With
+    no answer at all (control plane away) the round stops at the first run instead of waiting on each."""
+    spool = Spool(tmp_path)
+    spool.append(RUN, "example", _record(1))
+    spool.append(OTHER, "example", _record(1))
+    tried: list[str] = []
+
+    def send(batch: SpooledBatch) -> dict[str, Any]:
+        tried.append(batch.run_id)
+        if batch.run_id == RUN:
+            raise GatewayError("body larger than 8388608 bytes", status=413)
+        return {"accepted": len(batch.records), "duplicates": 0, "refused": []}
+
+    forwarder = Forwarder(spool, send)
+    stop = threading.Event()
+    thread = threading.Thread(target=forwarder.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while spool.pending_of(OTHER) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    thread.join(5)
+    assert spool.pending_of(OTHER) == 0 and spool.pending_of(RUN) > 0
+    assert OTHER in tried and tried.count(RUN) >= 1
+
+    away = Spool(tmp_path / "away")
+    away.append(RUN, "example", _record(1))
+    away.append(OTHER, "example", _record(1))
+    attempts: list[str] = []
+
+    def unreachable(batch: SpooledBatch) -> dict[str, Any]:
+        attempts.append(batch.run_id)
+        raise ConnectionError("control plane down")
+
+    stop = threading.Event()
+    thread = threading.Thread(target=Forwarder(away, unreachable).run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not attempts and time.monotonic() < deadline:
+        time.sleep(0.001)
+    stop.set()  # before the first retry, which waits at least 0.1 s
+    thread.join(5)
+    assert attempts == [away.pending_runs()[0]]
 
 
 # -- HTTP faces --------------------------------------------------------------------------------------------
@@ -235,6 +298,24 @@ def test_an_oversized_body_is_refused(relay) -> None:
                "Content-Length": str(65 * 1024 * 1024)}
     response = worker.post("/v1/write", content=b"{}", headers=headers)
     assert response.status_code == 400 and "limit" in response.json()["error"]
+
+
+def test_a_record_too_large_to_forward_is_refused_at_once_and_nothing_is_spooled(relay) -> None:
+    """A record over what one request to the control plane may carry would be refused there on every retry and
+    hold up the writes behind it; the relay refuses it (413, naming the limit) before it is spooled."""
+    state, worker, _ = relay
+    headers = {"Authorization": f"Bearer {state.tokens.mint(RunScope(RUN, 'example'))}"}
+    fits = _body(1, args=json.dumps(["x" * (MAX_RECORD_BYTES - 200)]))
+    too_large = _body(2, args=json.dumps(["x" * MAX_RECORD_BYTES]))
+    alone = worker.post("/v1/write", json=too_large, headers=headers)
+    assert alone.status_code == 413, alone.text
+    message = alone.json()["error"]
+    assert f"over the {MAX_RECORD_BYTES} bytes" in message and message.startswith("events.store_event of ")
+    batch = worker.post("/v1/write", json={"writes": [_body(3), too_large]}, headers=headers)
+    assert batch.status_code == 413 and batch.json()["error"].startswith("writes[1]: ")
+    assert state.spool.pending_runs() == []  # refused whole: nothing spooled
+    assert worker.post("/v1/write", json=fits, headers=headers).status_code == 200  # just under: taken
+    assert [r["seq"] for r in state.spool.read_batch(RUN).records] == [1]
 
 
 def test_spool_full_answers_503(relay, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import StaticPool
 
+from controlplane.db import create_engine
 from controlplane.gateway.queue import WorkQueue, WorkResult, claim_statement
 
 
@@ -46,7 +47,8 @@ def q(engine: sa.Engine, clock: Clock) -> WorkQueue:
 
 
 def file_engine(path: Path) -> sa.Engine:
-    return sa.create_engine(f"sqlite:///{path}")
+    """As every control-plane program opens its database (controlplane/db.py: WAL, busy timeout)."""
+    return create_engine(f"sqlite:///{path}")
 
 
 def test_create_schema_is_idempotent(q: WorkQueue) -> None:
