@@ -1,8 +1,24 @@
-"""Request-size limits both ends of the agent API agree on: the gateway enforces them, the agent stays under them."""
+"""Request-size limits both ends of the agent API agree on: the gateway enforces them, the appliance (and the
+run workers' storage client) stay under them, so nothing is sent that would be refused on every retry."""
 
 from __future__ import annotations
 
-__all__ = ["AGENT_MAX_BODY", "DEFAULT_MAX_BODY"]
+import json
+from typing import Any
+
+__all__ = ["AGENT_MAX_BODY", "DEFAULT_MAX_BODY", "MAX_RECORD_BYTES", "record_too_large"]
 
 DEFAULT_MAX_BODY = 1024 * 1024  # anyone's request
 AGENT_MAX_BODY = 8 * 1024 * 1024  # a request naming an enrolled, unrevoked agent's key: spooled run metadata, results
+MAX_RECORD_BYTES = AGENT_MAX_BODY - 64 * 1024  # one storage record in a storageWrite/storageCall request
+_SEQ_ALLOWANCE = 32  # `"seq": <n>` when the record is checked before its sequence number is given
+
+
+def record_too_large(record: dict[str, Any]) -> str | None:
+    """Why this storage record ({method, args, kwargs, client[, seq]}) could never reach the control plane, or
+    None. The size is its JSON with ASCII escapes, never less than the compact UTF-8 the agent sends."""
+    size = len(json.dumps(record)) + (0 if "seq" in record else _SEQ_ALLOWANCE)
+    if size <= MAX_RECORD_BYTES:
+        return None
+    return (f"{record.get('method')} of {size} bytes is over the {MAX_RECORD_BYTES} bytes one storage record may "
+            "have on its way to the control plane (keep large data in the asset's own storage, not in event metadata)")

@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from protocol.limits import record_too_large
 from protocol.storage_calls import StorageCallRefused, call_mode
 from protocol.storage_codec import decode, encode
 
@@ -105,8 +106,13 @@ class RelayClient:
             self.flush()
 
     def _body(self, method: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """One call as the relay takes it, without its sequence number (given when it is queued or sent)."""
-        return {"method": method, "args": encode(list(args)), "kwargs": encode(kwargs), "client": self.client_id}
+        """One call as the relay takes it, without its sequence number (given when it is queued or sent).
+        One too large to ever reach the control plane is refused here, to its caller, before it is buffered:
+        in a batch the relay would refuse it with every write beside it."""
+        body = {"method": method, "args": encode(list(args)), "kwargs": encode(kwargs), "client": self.client_id}
+        if (too_large := record_too_large(body)) is not None:
+            raise StorageCallRefused(too_large)
+        return body
 
     def flush(self) -> None:
         """Send every write that waits; returns once the relay has them on disk."""

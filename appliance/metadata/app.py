@@ -30,14 +30,13 @@ from starlette.routing import Route
 
 from appliance.metadata.spool import Spool, SpoolFull
 from appliance.metadata.tokens import RunScope, RunTokens, TokenRefused
-from protocol.limits import AGENT_MAX_BODY
+from protocol.limits import MAX_RECORD_BYTES, record_too_large
 from protocol.storage_calls import CALLS
 
-__all__ = ["RelayState", "StorageCalls", "control_app", "worker_app"]
+__all__ = ["MAX_RECORD_BYTES", "RelayState", "StorageCalls", "control_app", "worker_app"]
 
 log = logging.getLogger("airlock.metadata")
 MAX_BODY = 64 * 1024 * 1024  # a step's compute log (50 MB by default) plus its encoding
-MAX_RECORD_BYTES = AGENT_MAX_BODY - 64 * 1024  # one record, JSON-encoded, in a storageWrite/storageCall request
 
 
 class RecordTooLarge(ValueError):
@@ -86,11 +85,8 @@ def _record(data: dict[str, Any], mode: str) -> dict[str, Any]:
         if not isinstance(data.get(name), kind):
             raise ValueError(f"{name} must be a {kind.__name__}")
     record = {k: data[k] for k in ("method", "args", "kwargs", "client", "seq")}
-    size = len(json.dumps(record))  # never less than the agent's request carries (httpx: compact UTF-8)
-    if size > MAX_RECORD_BYTES:
-        raise RecordTooLarge(f"{method} of {size} bytes is over the {MAX_RECORD_BYTES} bytes one storage record "
-                             "may have on its way to the control plane (keep large data in the asset's own "
-                             "storage, not in event metadata)")
+    if (too_large := record_too_large(record)) is not None:  # userland's client checks first; this is the rule
+        raise RecordTooLarge(too_large)
     return record
 
 

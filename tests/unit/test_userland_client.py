@@ -88,6 +88,45 @@ def test_backpressure_retries_the_whole_batch_and_drops_nothing() -> None:
     assert relay.requests == [("/v1/write", [("events.store_event", n) for n in range(1, 11)])]
 
 
+def test_an_event_too_large_to_forward_is_refused_to_its_caller_and_the_writes_beside_it_still_go(
+        tmp_path: Path) -> None:
+    """Against the real metadata relay: the oversized write fails where it is made (the step sees why); the
+    lazy writes buffered with it are not refused alongside it, and one just under the limit is taken."""
+    from starlette.testclient import TestClient
+
+    from appliance.metadata.app import MAX_RECORD_BYTES, RelayState, worker_app
+    from appliance.metadata.spool import Spool
+    from appliance.metadata.tokens import RunScope, RunTokens
+
+    state = RelayState(spool=Spool(tmp_path / "spool"), tokens=RunTokens.load_or_create(str(tmp_path)),
+                       upstream=None)  # type: ignore[arg-type]  # writes only
+    worker = TestClient(worker_app(state))
+    auth = {"Authorization": f"Bearer {state.tokens.mint(RunScope(RUN, 'example'))}"}
+
+    def send(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = worker.post(path, json=body, headers=auth)
+        if response.status_code >= 400:
+            raise StorageCallRefused(f"metadata relay refused ({response.status_code}): {response.json()['error']}")
+        return response.json()
+
+    client = RelayClient(send, linger=60)
+    client.write("events.store_event", (_log_line(1),), {}, lazy=True)
+    client.write("events.store_event", (_log_line(2),), {}, lazy=True)
+    huge = EventLogEntry(error_info=None, level=20, user_message="x" * MAX_RECORD_BYTES, run_id=RUN, timestamp=3.0)
+    with pytest.raises(StorageCallRefused, match=rf"events.store_event of \d+ bytes is over the {MAX_RECORD_BYTES}"):
+        client.write("events.store_event", (huge,), {}, lazy=True)
+    near = EventLogEntry(error_info=None, level=20, user_message="y" * (MAX_RECORD_BYTES - 2000), run_id=RUN,
+                         timestamp=4.0)
+    client.write("events.store_event", (near,), {}, lazy=True)
+    client.flush()
+    spooled = state.spool.read_batch(RUN, max_records=10, max_bytes=1 << 30).records
+    messages = [decode(r["args"])[0].user_message for r in spooled]
+    assert [len(m) for m in messages] == [len("line 1"), len("line 2"), MAX_RECORD_BYTES - 2000]
+    with pytest.raises(StorageCallRefused, match="over the"):  # the relay holds the same line on its own
+        send("/v1/write", {"method": "events.store_event", "args": encode([huge]), "kwargs": "{}", "client": "c",
+                           "seq": 99})
+
+
 def test_a_lazy_write_that_could_not_be_sent_fails_the_next_call() -> None:
     def down(path: str, body: dict[str, Any]) -> dict[str, Any]:
         raise ConnectionRefusedError("relay down")
