@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,18 @@ def test_reads_wait_for_the_runs_earlier_writes(tmp_path: Path) -> None:
 
 
 # -- forwarder ---------------------------------------------------------------------------------------------
+def _forward_until(forwarder: Forwarder, done: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Run the forwarder in its own thread until done() holds (or the timeout passes), then stop it."""
+    stop = threading.Event()
+    thread = threading.Thread(target=forwarder.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    stop.set()
+    thread.join(5)
+
+
 def test_forwarder_sends_in_order_retries_failures_and_passes_over_refusals(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     for i in range(1, 8):
@@ -147,15 +160,7 @@ def test_forwarder_sends_in_order_retries_failures_and_passes_over_refusals(tmp_
         return {"accepted": len(batch.records), "duplicates": 0,
                 "refused": [{"index": 0, "error": "outside scope"}] if batch.records[0]["seq"] == 1 else []}
 
-    forwarder = Forwarder(spool, send, max_records=3)
-    stop = threading.Event()
-    thread = threading.Thread(target=forwarder.run, args=(stop,), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while spool.pending_of(RUN) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    stop.set()
-    thread.join(5)
+    _forward_until(Forwarder(spool, send, max_records=3), lambda: not spool.pending_of(RUN))
     assert sent == [[1, 2, 3], [4, 5, 6], [7]]  # the failed first attempt was sent again, nothing skipped
     assert spool.pending_of(RUN) == 0
 
@@ -174,15 +179,7 @@ def test_a_batch_the_control_plane_refuses_holds_up_only_its_own_run(tmp_path: P
             raise GatewayError("body larger than 8388608 bytes", status=413)
         return {"accepted": len(batch.records), "duplicates": 0, "refused": []}
 
-    forwarder = Forwarder(spool, send)
-    stop = threading.Event()
-    thread = threading.Thread(target=forwarder.run, args=(stop,), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while spool.pending_of(OTHER) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    stop.set()
-    thread.join(5)
+    _forward_until(Forwarder(spool, send), lambda: not spool.pending_of(OTHER))
     assert spool.pending_of(OTHER) == 0 and spool.pending_of(RUN) > 0
     assert OTHER in tried and tried.count(RUN) >= 1
 
@@ -195,14 +192,7 @@ def test_a_batch_the_control_plane_refuses_holds_up_only_its_own_run(tmp_path: P
         attempts.append(batch.run_id)
         raise ConnectionError("control plane down")
 
-    stop = threading.Event()
-    thread = threading.Thread(target=Forwarder(away, unreachable).run, args=(stop,), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not attempts and time.monotonic() < deadline:
-        time.sleep(0.001)
-    stop.set()  # before the first retry, which waits at least 0.1 s
-    thread.join(5)
+    _forward_until(Forwarder(away, unreachable), lambda: bool(attempts))  # stopped before the first retry (>= 0.1 s)
     assert attempts == [away.pending_runs()[0]]
 
 
