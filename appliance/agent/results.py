@@ -10,24 +10,19 @@ split. Any other failed POST is retried with backoff and nothing is dropped unti
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from protocol.limits import AGENT_MAX_BODY
+from protocol.limits import AGENT_MAX_BODY, REQUEST_ROOM, encoded_size
 from protocol.work import failed_result
 
 __all__ = ["MAX_RESULT_BYTES", "ResultBatcher"]
 
 log = logging.getLogger("airlock.agent.results")
-MAX_RESULT_BYTES = AGENT_MAX_BODY - 64 * 1024  # room for the query text and the request's JSON around the results
-
-
-def _size(result: dict[str, Any]) -> int:
-    return len(json.dumps(result))  # never less than httpx sends (compact UTF-8 where this escapes to ASCII)
+MAX_RESULT_BYTES = AGENT_MAX_BODY - REQUEST_ROOM  # the results of one postResults request, in all
 
 
 class ResultBatcher:
@@ -41,14 +36,14 @@ class ResultBatcher:
         self._thread.start()
 
     def add(self, result: dict[str, Any]) -> None:
-        size = _size(result)
+        size = encoded_size(result)
         if size > self.max_bytes:
             log.error("result %s is %d bytes, over the %d a postResults request may carry: sending an error instead",
                       result.get("id"), size, self.max_bytes)
             result = failed_result(str(result.get("id")), f"the answer is {size} bytes, over the {self.max_bytes} "
                                    "bytes a result may have on the long-poll path; the work channel "
                                    "(AIRLOCK_WORK_CHANNEL=channel) carries answers up to Dagster's 100 MB")
-            size = _size(result)
+            size = encoded_size(result)
         with self._cond:
             if len(self._pending) >= self.max_pending:
                 dropped, _ = self._pending.popleft()
@@ -98,7 +93,7 @@ class ResultBatcher:
         result, _ = batch[0]
         log.error("the gateway refused result %s as too large (%s): sending an error instead", result.get("id"), exc)
         failed = failed_result(str(result.get("id")), f"the gateway refused the answer as too large: {exc}")
-        return [(failed, _size(failed))]
+        return [(failed, encoded_size(failed))]
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:

@@ -37,12 +37,12 @@ __all__ = ["MAX_RECORD_BYTES", "RelayState", "StorageCalls", "control_app", "wor
 
 log = logging.getLogger("airlock.metadata")
 MAX_BODY = 64 * 1024 * 1024  # a step's compute log (50 MB by default) plus its encoding
+MAX_WRITES = 10_000  # records in one write request (userland sends at most 1,000)
+EXIT_METHOD = "airlock.run_exited"  # only the agent's control socket can spool this one
 
 
 class RecordTooLarge(ValueError):
     """A record that would not fit in one request to the control plane (protocol/limits.py)."""
-MAX_WRITES = 10_000  # records in one write request (userland sends at most 1,000)
-EXIT_METHOD = "airlock.run_exited"  # only the agent's control socket can spool this one
 
 
 class StorageCalls(Protocol):
