@@ -30,6 +30,16 @@ elif [ "$instance" != /etc/airlock-cp/dagster.yaml ] && ! grep -q '^storage:' "$
        "remove it to use $instance" >&2
 fi
 if [ "$AIRLOCK_CP_ROLE" = all ]; then
+  # Dagster's storage is created (or, after an upgrade, migrated) here, once, before anything opens it. Started
+  # together on a new SQLite instance, the webserver, the daemon and the gateway would each create it on first
+  # use, and two of them can stamp different alembic revisions into schedules.db: from then on every storage
+  # call fails with "more than one head present".
+  if ! migrated=$(/opt/airlock-cp/venv/bin/dagster instance migrate 2>&1); then
+    printf '%s\n' "$migrated" >&2
+    echo "airlock-cp: dagster instance migrate failed (above); Dagster's storage is not ready" >&2
+    exit 1
+  fi
+  echo "airlock-cp: Dagster's storage is ready (dagster instance migrate)"
   # The workspace is rendered from the registry; an empty one until locations are added.
   /opt/airlock-cp/venv/bin/python -m controlplane.cli workspace render --out "$state/workspace.yaml"
 fi

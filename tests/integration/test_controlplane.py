@@ -32,6 +32,27 @@ def test_webserver_shows_the_location_loaded_with_its_definitions(stack) -> None
     assert sorted(s["name"] for s in repo["sensors"]) == ["asset_watch_sensor", "new_numbers_sensor"]
 
 
+ALEMBIC_ROWS = """import glob, sqlite3
+for path in sorted(glob.glob("/var/lib/airlock-cp/dagster/**/*.db", recursive=True)):
+    rows = sqlite3.connect(path).execute("select version_num from alembic_version").fetchall()
+    print(path, ",".join(r[0] for r in rows))"""
+
+
+def test_dagsters_storage_is_created_once_before_the_programs_that_share_it_start(stack) -> None:
+    """Started together on a new SQLite instance, the webserver, the daemon and the gateway could stamp two alembic
+    revisions into one database (then every storage call fails): the entrypoint migrates first, alone."""
+    cp, appliance = stack
+    appliance.wait_for("example", "LOADED", timeout=240)
+    log = cp.container.logs().decode(errors="replace")
+    ready, spawned = log.find("airlock-cp: Dagster's storage is ready"), log.find("spawned: 'daemon'")
+    assert 0 <= ready < spawned, log[:3000]
+    result = cp.container.exec_run(["/opt/airlock-cp/venv/bin/python", "-c", ALEMBIC_ROWS])
+    assert result.exit_code == 0, result.output.decode()
+    stamped = dict(line.split(" ", 1) for line in result.output.decode().splitlines())
+    assert {p.rsplit("/", 1)[1] for p in stamped} >= {"runs.db", "schedules.db", "index.db"}, stamped
+    assert len(set(stamped.values())) == 1 and "," not in next(iter(stamped.values())), stamped  # one head, same
+
+
 def test_separate_networks_and_nothing_reaches_the_appliance(stack) -> None:
     cp, appliance = stack
     appliance.wait_for("example", "LOADED", timeout=240)  # the appliance reached the control plane
