@@ -3,7 +3,14 @@
 #
 # Offline: BASE_IMAGE is the debootstrapped airlock/base (python3, venv, tini already inside).
 # Online:  docker build --build-arg BASE_IMAGE=debian:bookworm-slim <staged context>
+#
+# FASTPATH_IMAGE holds /usr/local/bin/airlock-fastpath, built from fastpath/ by images/fastpath/Dockerfile;
+# images/build.py builds it first and passes its content tag. Where pulling is allowed, build it first:
+#   docker build -f images/fastpath/Dockerfile -t airlock/fastpath:latest fastpath
 ARG BASE_IMAGE=debian:bookworm-slim
+ARG FASTPATH_IMAGE=airlock/fastpath:latest
+
+FROM ${FASTPATH_IMAGE} AS fastpath
 
 FROM ${BASE_IMAGE} AS venv
 COPY images/ensure-python.sh /tmp/ensure-python.sh
@@ -28,6 +35,7 @@ COPY policy/ /etc/airlock/policy/
 COPY images/appliance/supervisord.conf /etc/airlock/supervisord.conf
 COPY images/appliance/entrypoint.sh /usr/local/bin/airlock-entrypoint
 COPY images/appliance/airlock /usr/local/bin/airlock
+COPY --from=fastpath /usr/local/bin/airlock-fastpath /usr/local/bin/airlock-fastpath
 RUN echo /opt/airlock/src > "$(/opt/airlock/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/airlock.pth" \
  && chmod 0755 /usr/local/bin/airlock /usr/local/bin/airlock-entrypoint \
  && /opt/airlock/venv/bin/python -m compileall -q /opt/airlock/src \

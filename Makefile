@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: setup images quickstart down test unit lint doctor lock
+.PHONY: setup images quickstart down test unit lint doctor lock fastpath
 
 setup:
 	@bash scripts/setup-host.sh
@@ -22,12 +22,18 @@ doctor:
 lint: setup
 	$(PYTHON) -m ruff check .
 
-unit: setup
+# The relay's compiled data path on the host (the images build their own): host-level tests and benches run it.
+fastpath:
+	cd fastpath && cargo build --release --locked
+
+unit: setup fastpath
+	cd fastpath && cargo test --release --locked
 	$(PYTHON) -m pytest -q tests/unit tests/contract $(PYTEST_ARGS)
 
 # Everything: lint, unit, then the real-Docker layers (images are built first, cached by content hash).
-test: images
+test: images fastpath
 	$(PYTHON) -m ruff check .
+	cd fastpath && cargo clippy --release --locked -- -D warnings && cargo test --release --locked
 	$(PYTHON) -m pytest tests/unit tests/contract tests/integration tests/escape tests/e2e $(PYTEST_ARGS)
 
 # Re-pin requirements/*.lock (hashes for every platform file) after editing requirements/*.in.

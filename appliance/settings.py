@@ -30,6 +30,9 @@ class Settings:
     # behind a proxy that does not pass WebSockets.
     work_channel: str = "channel"
     metadata_control_socket: str = "/run/airlock/metadata/control.sock"
+    # The relay's compiled data path (docs/FASTPATH.md): "auto" uses airlock-fastpath when it is installed and
+    # the gateway offers it, "off" never, a path runs that binary. Only with the work channel.
+    fastpath: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -56,6 +59,7 @@ class Settings:
             ca_file=env.get("AIRLOCK_CA_FILE", ""),
             queues=tuple(q for q in env.get("AIRLOCK_QUEUES", "default").split(",") if q),
             work_channel=work_channel,
+            fastpath=env.get("AIRLOCK_FASTPATH", "auto"),
         )
 
 

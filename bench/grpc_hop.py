@@ -9,6 +9,8 @@ with nothing else around them, on loopback, against a Python gRPC echo server st
   nginx 2 hops    caller -> nginx -> nginx -> echo server
   python 1 hop    caller -> grpc.aio raw-bytes relay on uvloop -> echo server   (how controlplane/relay serves)
   python 2 hops   caller -> grpc.aio relay -> grpc.aio relay -> echo server
+  fastpath        caller -> airlock-fastpath edge -> Noise tunnel -> airlock-fastpath agent -> echo server
+                  (the relay's compiled data path, docs/FASTPATH.md; built with `make fastpath`)
 
 For each: sequential p50/p99 (one channel), then 8 caller threads for a few seconds (calls/s) and the CPU
 the hop processes spent per call. nginx comes from Debian (`apt-get install nginx-light`); without it those
@@ -20,6 +22,7 @@ rows are skipped. Everything listens on 127.0.0.1 and is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -29,13 +32,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 SERVICE, METHOD = "bench.Echo", "Ping"
 PATH = f"/{SERVICE}/{METHOD}"
+FASTPATH_BIN = Path(__file__).resolve().parent.parent / "fastpath" / "target" / "release" / "airlock-fastpath"
 
 
 def _ident(data: bytes) -> bytes:
@@ -87,6 +93,38 @@ http {{ access_log off; client_body_temp_path {workdir}/{name}-body;
   server {{ listen 127.0.0.1:{port} http2; location / {{ grpc_pass grpc://{upstream}; }} }} }}
 """)
     return conf
+
+
+def start_fastpath(binary: str, upstream: str,
+                   start: Callable[..., subprocess.Popen[bytes]]) -> tuple[int, list[int]]:
+    """An edge and an agent joined by a tunnel, Ping on the fast path, the echo server as the location's code
+    server: driven over stdin as the gateway and the agent drive them. Returns (the location's port, pids)."""
+    key, port = os.urandom(32).hex(), _free_port()
+    edge = start(binary, "edge", "--tunnel-listen", "127.0.0.1:0", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    agent = start(binary, "agent", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def send(child: subprocess.Popen[bytes], **command: object) -> None:
+        assert child.stdin is not None
+        child.stdin.write(json.dumps(command).encode() + b"\n")
+        child.stdin.flush()
+
+    def event(child: subprocess.Popen[bytes], name: str) -> dict[str, object]:
+        assert child.stdout is not None
+        while line := child.stdout.readline():
+            if (parsed := json.loads(line)).get("event") == name:
+                return parsed
+        raise RuntimeError(f"airlock-fastpath ended before {name}")
+
+    tunnel_port = event(edge, "ready")["tunnel_port"]
+    send(edge, op="methods", methods=[PATH])
+    send(edge, op="listen", location="bench", address=f"127.0.0.1:{port}", fallback="127.0.0.1:9",
+         deployment="prod", queue="default")
+    send(edge, op="ticket", channel="bench", key=key, deployment="prod", queues=["default"])
+    send(agent, op="methods", methods=[PATH])
+    send(agent, op="servers", servers={"bench": upstream})
+    send(agent, op="connect", channel="bench", key=key, address=f"127.0.0.1:{tunnel_port}")
+    event(edge, "tunnel_up")
+    return port, [edge.pid, agent.pid]
 
 
 def process_cpu(pids: list[int]) -> float:
@@ -171,8 +209,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="airlock-grpc-hop-"))
     children: list[subprocess.Popen[bytes]] = []
 
-    def start(*argv: str) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL)
+    def start(*argv: str, **popen: Any) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(list(argv), **({"stdout": subprocess.DEVNULL} | popen))
         children.append(child)
         return child
 
@@ -197,6 +235,12 @@ def main() -> int:
         p2 = start(*me, "--serve-hop", str(second), f"127.0.0.1:{first}")
         paths += [("python grpc.aio relay, 1 hop", first, [p1.pid]),
                   ("python grpc.aio relay, 2 hops", second, [p1.pid, p2.pid])]
+        binary = os.environ.get("AIRLOCK_FASTPATH_BIN") or str(FASTPATH_BIN)
+        if os.access(binary, os.X_OK):
+            port, pids = start_fastpath(binary, f"127.0.0.1:{echo}", start)
+            paths.append(("airlock fastpath (edge+agent)", port, pids))
+        else:
+            print(f"{binary} not built (make fastpath): the fastpath row is skipped")
         for _, port, _ in paths:
             wait_listening(port)
         print(f"airlock gRPC hop bench  {os.cpu_count()} CPUs  Python {sys.version.split()[0]}  "

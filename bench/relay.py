@@ -4,6 +4,7 @@
     python bench/relay.py                  # everything, about a minute on 2 cores
     python bench/relay.py --calls 200      # fewer sequential calls per path
     python bench/relay.py --poll           # the agent long-polls instead of holding its work channel
+    python bench/relay.py --fastpath off   # every relayed call through the Python relay and the work channel
 
 Everything runs on this machine: a real Dagster code server (the example-location image, hardened as the
 appliance starts it, on an internal Docker network made for this run), the agent API gateway (uvicorn, TLS,
@@ -11,6 +12,11 @@ SQLite file) with the gRPC relay on the same event loop in this process (as cont
 them), the real ConnectedAgent in a second process holding its work channel (a WebSocket), and the callers in
 a third (so the callers, the control plane and the agent do not share a GIL, as they do not in production).
 Timestamps are time.perf_counter, i.e. CLOCK_MONOTONIC, comparable across processes on one host.
+
+With airlock-fastpath installed or built (`make fastpath`), the relay's compiled data path runs as shipped: the
+edge as a child of this process in front of the relay port, the tunnel end as a child of the agent process
+(docs/FASTPATH.md); Ping then goes caller -> edge -> tunnel -> agent's child -> code server. `--fastpath off`
+measures the Python path alone. Each process's CPU includes its fast-path child.
 
 Figures (targets from the issue; the bench prints met / NOT met and asserts nothing):
   1. enqueue -> agent receives: WorkQueue.enqueue of a durable item until the agent has it, verified, the
@@ -66,6 +72,7 @@ if str(ROOT) not in sys.path:
 import grpc
 
 from protocol.dagster_grpc import DEFAULT_PORT, PING, decode_echo, encode_echo
+from protocol.fastpath import find_binary
 
 DEPLOYMENT, QUEUE, LOCATION = "bench", "default", "example"
 ECHO = "airlock-bench"
@@ -83,6 +90,15 @@ def pct(values: list[float], p: float) -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:7.2f} ms"
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of another process (a fast-path child), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load() -> str:
@@ -189,7 +205,7 @@ def caller_main(conn: Connection) -> None:
 
 # ------------------------------------------------------------------------------------- agent process
 def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, token: str, code_server: str,
-               mode: str) -> None:
+               mode: str, fastpath_binary: str | None) -> None:
     """The real ConnectedAgent with a stand-in reconciler that reports the bench's code server as LOADED.
     `mode` is how work arrives: "channel" (as shipped) or "poll" (signed long polls)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -197,6 +213,7 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
 
     from appliance.agent.channel import WorkChannel
     from appliance.agent.connected import ConnectedAgent, DesiredLocations
+    from appliance.agent.fastpath import FastPathTunnel
     from appliance.agent.grpc_handler import grpc_call_handler, grpc_call_starter
     from appliance.agent.grpc_replay import GrpcReplayer
     from appliance.agent.identity import ensure_enrolled, load_or_create_key
@@ -276,10 +293,12 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
     def open_channel() -> WorkChannel:  # as appliance/agent/run.py opens it
         return TimedChannel.open(client, base_url, [QUEUE], ssl_context=tls)
 
+    tunnel = FastPathTunnel(fastpath_binary) if fastpath_binary and mode == "channel" else None
     agent = ConnectedAgent(client, reconciler, DesiredLocations(state_dir, load_policy(ROOT / "policy")),  # type: ignore[arg-type]
                            queues=[QUEUE], state_dir=state_dir, handlers={WorkKind.GRPC_CALL: timed_replay},
                            starters={WorkKind.GRPC_CALL: timed_start},
-                           open_channel=open_channel if mode == "channel" else None)
+                           open_channel=open_channel if mode == "channel" else None,
+                           fastpath=tunnel, control_plane_url=base_url)
     stop = threading.Event()
     runner = threading.Thread(target=agent.run, args=(stop,), name="bench-agent", daemon=True)
     runner.start()
@@ -290,8 +309,11 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
             batch = events[:]
             del events[: len(batch)]
             conn.send(batch)
-        elif command == "cpu":
-            conn.send(time.process_time())
+        elif command == "cpu":  # this process and its fast-path child
+            child = tunnel._process if tunnel is not None else None
+            conn.send(time.process_time() + (process_cpu(child.pid) if child is not None else 0.0))
+        elif command == "tunnel":
+            conn.send(tunnel is not None and tunnel.up.is_set())
         elif command == "rtt":
             conn.send(round_trips(client, http))
         elif command == "replay":  # the replay alone, from this process's main thread: no channel, no dispatcher
@@ -534,12 +556,13 @@ class ControlPlane:
     """The gateway (uvicorn + TLS, SQLite file) and the relay on one event loop thread, as serve_gateway runs them:
     relayed calls go straight down an agent's work channel when one is open (controlplane/relay/calls.py)."""
 
-    def __init__(self, workdir: Path, loop: str = "auto") -> None:
+    def __init__(self, workdir: Path, loop: str = "auto", fastpath_binary: str | None = None) -> None:
         import uvicorn
 
         from controlplane.gateway.app import build_app
         from controlplane.gateway.queue import WorkQueue
         from controlplane.relay.calls import ChannelCalls
+        from controlplane.relay.fastpath import FastPathEdge
         from controlplane.relay.server import RelayServer, WorkQueueCalls
         from controlplane.tls import ensure_tls
         from protocol.channel import MAX_FRAME_BYTES
@@ -597,6 +620,8 @@ class ControlPlane:
         self.thread = threading.Thread(target=self.loop.run_forever, name="bench-control-plane", daemon=True)
         self.served: Any = None
         self.relay_port = 0
+        # as serve_gateway runs it: the edge owns the relay port, the Python relay listens behind it
+        self.edge = FastPathEdge(fastpath_binary, "127.0.0.1:0") if fastpath_binary else None
 
     def make_engine(self) -> Any:
         """Exactly as the control plane opens its database (controlplane/db.py: SQLite in WAL mode)."""
@@ -620,6 +645,16 @@ class ControlPlane:
                 raise RuntimeError("the gateway did not start")
             time.sleep(0.01)
         self.relay_port = self.on_loop(self.relay.start())
+        if self.edge is not None:
+            self.on_loop(self.edge.start())
+            self.app.state.hub.fastpath = self.edge
+            self.relay_port = self.on_loop(self.edge.listen(LOCATION, f"127.0.0.1:{free_port()}",
+                                                            f"127.0.0.1:{self.relay_port}", DEPLOYMENT, QUEUE))
+
+    def cpu_seconds(self) -> float:
+        """This process and the edge."""
+        process = self.edge._process if self.edge is not None else None
+        return time.process_time() + (process_cpu(process.pid) if process is not None else 0.0)
 
     def on_loop(self, coro: Any, timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -635,6 +670,9 @@ class ControlPlane:
         if self.thread.is_alive():
             with contextlib.suppress(Exception):
                 self.on_loop(self.relay.stop(0.5), timeout=5)
+            if self.edge is not None:
+                with contextlib.suppress(Exception):
+                    self.on_loop(self.edge.stop(), timeout=10)
             self.server.should_exit = True
             with contextlib.suppress(Exception):
                 self.served.result(10)
@@ -850,6 +888,9 @@ def main() -> int:
                         help="the agent long-polls instead of holding a work channel (AIRLOCK_WORK_CHANNEL=poll)")
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="the gateway's event loop, as uvicorn's --loop (auto, as shipped: uvloop if installed)")
+    parser.add_argument("--fastpath", default="auto",
+                        help="the relay's compiled data path: auto (as shipped: used if installed or built), off, "
+                             "or the binary's path")
     parser.add_argument("--image", help="code server image (default: build/reuse example-location)")
     args = parser.parse_args()
 
@@ -876,19 +917,22 @@ def main() -> int:
         code_server = CodeServer(image, run_id)
         ip = code_server.start()
         direct = code_server.address
-        cp = ControlPlane(workdir, args.loop)
+        fastpath = find_binary(args.fastpath) if not args.poll else None
+        cp = ControlPlane(workdir, args.loop, fastpath)
         cp.start()
         relayed = f"127.0.0.1:{cp.relay_port}"
         state = workdir / "agent-state"
         state.mkdir(mode=0o700)
         token = cp.app.state.store.create_token(DEPLOYMENT)
         mode = "poll" if args.poll else "channel"
-        agent = Child(ctx, agent_main, cp.base_url, str(cp.tls.ca_cert), str(state), token, ip, mode,
+        agent = Child(ctx, agent_main, cp.base_url, str(cp.tls.ca_cert), str(state), token, ip, mode, fastpath,
                       name="bench-agent")
         if not (agent.conn.poll(60) and agent.conn.recv() == "ready"):
             raise RuntimeError("the agent process did not start (enrollment failed?)")
         if mode == "channel":
             wait_until(lambda: cp.channels() == 1, 30, "the agent's work channel")
+        if fastpath:
+            wait_until(lambda: agent.ask("tunnel"), 30, "the agent's fast-path tunnel")
         callers = Child(ctx, caller_main, name="bench-callers")
         print(f"code server  {image} at {direct} (hardened, internal network airlock-bench-{run_id})")
         print(f"gateway      {cp.base_url} (uvicorn, TLS, {type(cp.loop).__module__.split('.')[0]} event loop, "
@@ -897,6 +941,8 @@ def main() -> int:
         print(f"agent        real ConnectedAgent in its own process, work by "
               f"{'the work channel (WebSocket, as shipped)' if mode == 'channel' else 'long poll (--poll)'}; "
               "callers in a third process")
+        print("fast path    " + (f"{fastpath}: edge in front of the relay, tunnel to the agent (as shipped)"
+                                 if fastpath else "off: every relayed call takes the Python relay"))
         print(f"setup        {time.monotonic() - started:.1f} s\n")
 
         # 1. enqueue -> agent receives
@@ -926,33 +972,38 @@ def main() -> int:
         print(f"   relayed  p50 {ms(r50)}   p99 {ms(pct(r, 99))}")
         print(f"   relayed p50 - direct p50 = {(r50 - d50) * 1000:.2f} ms   "
               f"target <= 1 ms: {verdict(r50 <= d50 + 0.001)}")
-        print("   where a relayed call's time goes (median of each leg):")
-        legs = (channel_breakdown if mode == "channel" else relayed_breakdown)(relayed_samples, cp.events,
-                                                                               agent_events)
+        legs = [] if fastpath else (channel_breakdown if mode == "channel" else relayed_breakdown)(
+            relayed_samples, cp.events, agent_events)
+        if legs:
+            print("   where a relayed call's time goes (median of each leg):")
+        else:
+            print("   (Ping took the fast path: the compiled legs are not instrumented; --fastpath off for the legs)")
         for name, value in legs:
             print(f"     {ms(value)}  {name}")
-        print(f"     {ms(sum(v for n, v in legs if not n.startswith('(')))}  sum of the legs' medians "
-              f"(whole call median {r50 * 1000:.2f} ms)")
-        if mode == "channel":
+        if legs:
+            print(f"     {ms(sum(v for n, v in legs if not n.startswith('(')))}  sum of the legs' medians "
+                  f"(whole call median {r50 * 1000:.2f} ms)")
+        if mode == "channel" and legs:
             handed = [e for e in legs if e[0].startswith("handed to the channel")]
             print(f"   (1b. a relayed call handed to the channel -> agent receives it: p50 "
                   f"{handed[0][1] * 1000:.2f} ms, no database row)" if handed else "")
-        else:
+        elif not fastpath:
             print("   gateway time per request, from reaching the app to its answer sent (median):")
             for operation, seconds, count in gateway_times(cp.events, ("PostResults",)):
                 print(f"     {ms(seconds)}  {operation} ({count} requests)")
-        print("   gateway database calls per relayed call (count, time; includes waiting for the queue's lock):")
-        for name, count, seconds in db_per_call(db_records, args.calls):
-            print(f"     {count:5.2f} x {name:24} {ms(seconds)}")
+        if not fastpath:
+            print("   gateway database calls per relayed call (count, time; includes waiting for the queue's lock):")
+            for name, count, seconds in db_per_call(db_records, args.calls):
+                print(f"     {count:5.2f} x {name:24} {ms(seconds)}")
         print()
 
         # 3. throughput
         def throughput(address: str) -> tuple[dict[str, Any], dict[str, float]]:
             """One throughput job, and the CPU time each process spent on it, per call (warm-up included)."""
             assert code_server is not None and agent is not None and callers is not None
-            before = (time.process_time(), agent.ask("cpu"), code_server.cpu_seconds())
+            before = (cp.cpu_seconds(), agent.ask("cpu"), code_server.cpu_seconds())
             result = callers.run("tput", address, args.callers, 1.0, args.seconds)
-            after = (time.process_time(), agent.ask("cpu"), code_server.cpu_seconds())
+            after = (cp.cpu_seconds(), agent.ask("cpu"), code_server.cpu_seconds())
             used = [b - a for a, b in zip(before, after, strict=True)]
             n = max(1, result["all_calls"])
             cpu = {"callers": result["cpu"] / n, "control plane (gateway + relay)": used[0] / n,
@@ -976,11 +1027,14 @@ def main() -> int:
         per_claim, per_post = batches(load_events)
         what = ("items per work frame", "results per result frame") if mode == "channel" else (
             "items per claimWork answer", "results per POST")
-        print(f"   under load: {per_claim:.1f} {what[0]}, {per_post:.1f} {what[1]}; "
-              f"gateway database time per relayed call (incl. warm-up calls in the count):")
-        load_calls = max(1, len([e for e in load_events if e[0] == "claimed"]))
-        for name, count, seconds in db_per_call(load_records, load_calls)[:5]:
-            print(f"     {count:5.2f} x {name:24} {ms(seconds)}")
+        load_calls = len([e for e in load_events if e[0] == "claimed"])
+        if fastpath:
+            print(f"   under load: {load_calls} calls came down the work channel (the rest took the tunnel)")
+        else:
+            print(f"   under load: {per_claim:.1f} {what[0]}, {per_post:.1f} {what[1]}; "
+                  f"gateway database time per relayed call (incl. warm-up calls in the count):")
+            for name, count, seconds in db_per_call(load_records, max(1, load_calls))[:5]:
+                print(f"     {count:5.2f} x {name:24} {ms(seconds)}")
         print()
         cp.events.clear()
 

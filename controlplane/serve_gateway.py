@@ -26,10 +26,12 @@ from controlplane.db import create_engine
 from controlplane.gateway.app import build_app
 from controlplane.gateway.auth import quiet_refused_upgrades
 from controlplane.registry import Registry
+from controlplane.relay.fastpath import FastPathEdge
 from controlplane.relay.manager import serve as serve_relays
 from controlplane.settings import ControlPlaneSettings
 from controlplane.tls import ensure_tls
 from protocol.channel import MAX_FRAME_BYTES
+from protocol.fastpath import find_binary
 from protocol.signing import SigningKey
 
 log = logging.getLogger("airlock.controlplane")
@@ -37,6 +39,19 @@ log = logging.getLogger("airlock.controlplane")
 
 def control_plane_key(state_dir: str) -> SigningKey:
     return SigningKey.load_or_create(Path(state_dir) / "controlplane.key")[0]
+
+
+async def start_edge(settings: ControlPlaneSettings) -> FastPathEdge | None:
+    """The relay's compiled data path, if installed and not turned off; without it the relay is all Python."""
+    binary = find_binary(settings.fastpath)
+    if binary is None:
+        log.info("relay fast path %s: every relayed call takes the Python relay",
+                 "off (AIRLOCK_CP_FASTPATH=off)" if settings.fastpath == "off" else "not installed")
+        return None
+    edge = FastPathEdge(binary, settings.fastpath_listen, advertised_port=settings.fastpath_port,
+                        stats_seconds=settings.fastpath_stats_seconds)
+    await edge.start()
+    return edge
 
 
 def main() -> None:
@@ -58,13 +73,17 @@ def main() -> None:
 
     async def run() -> None:
         stop = asyncio.Event()
+        edge = await start_edge(settings)
+        app.state.hub.fastpath = edge
         relays = asyncio.create_task(serve_relays(registry, app.state.queue, app.state.store, settings.relay_host,
-                                                    stop, hub=app.state.hub))
+                                                    stop, hub=app.state.hub, edge=edge))
         try:
             await uvicorn.Server(config).serve()
         finally:
             stop.set()
             await relays
+            if edge is not None:
+                await edge.stop()
 
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(run())

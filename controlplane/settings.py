@@ -26,6 +26,12 @@ class ControlPlaneSettings:
     relay_host: str  # where the relay listeners bind; the webserver and daemon are in the same container
     key_grace_seconds: float = 24 * 3600  # an agent's old key keeps working this long after a rotation
     tls_dir: str = ""  # ca.pem, gateway.pem, gateway.key (`airlock-cp tls init`); default <state_dir>/tls
+    # The relay's compiled data path (docs/FASTPATH.md): "auto" runs airlock-fastpath if it is installed, "off"
+    # never, a path runs that binary. Agents dial the tunnel port from outside: publish it like the gateway's.
+    fastpath: str = "auto"
+    fastpath_listen: str = "0.0.0.0:8450"
+    fastpath_port: int | None = None  # the port agents are told to dial, if a proxy or NAT maps it elsewhere
+    fastpath_stats_seconds: float = 60.0  # how often the gateway logs which road relayed calls took
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControlPlaneSettings:
@@ -41,6 +47,10 @@ class ControlPlaneSettings:
             relay_host=env.get("AIRLOCK_CP_RELAY_HOST", "127.0.0.1"),
             key_grace_seconds=float(env.get("AIRLOCK_CP_KEY_GRACE_SECONDS", str(24 * 3600))),
             tls_dir=env.get("AIRLOCK_CP_TLS_DIR", f"{state}/tls"),
+            fastpath=env.get("AIRLOCK_CP_FASTPATH", "auto"),
+            fastpath_listen=env.get("AIRLOCK_CP_FASTPATH_LISTEN", "0.0.0.0:8450"),
+            fastpath_port=int(env["AIRLOCK_CP_FASTPATH_PORT"]) if env.get("AIRLOCK_CP_FASTPATH_PORT") else None,
+            fastpath_stats_seconds=float(env.get("AIRLOCK_CP_FASTPATH_STATS_SECONDS", "60")),
         )
 
 

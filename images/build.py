@@ -9,7 +9,8 @@ Why content tags: a second build with nothing changed must cost seconds, on an e
 not still hold earlier images. Each image's inputs (its staged build context: Dockerfile, hash-locked
 wheels, sources, policy) and its base image's tag are hashed; if that tag exists, nothing is built.
 The wheelhouse is downloaded once per lock file on the host and installed in the image with
-`pip install --no-index --require-hashes`. Resolved tags are written to .cache/images.json.
+`pip install --no-index --require-hashes`; likewise fastpath/'s crates are `cargo vendor`ed once per
+Cargo.lock and built with `cargo build --offline`. Resolved tags are written to .cache/images.json.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
-IGNORED = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+IGNORED = {"__pycache__", ".pytest_cache", ".ruff_cache", "target"}  # target: cargo's build output
+# What `cargo vendor` prints: the crate's build in the image takes crates-io's crates from the context's vendor/.
+CARGO_VENDOR_CONFIG = """[source.crates-io]
+replace-with = "vendored-sources"
+
+[source.vendored-sources]
+directory = "vendor"
+"""
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,8 @@ class ImageSpec:
     lock: str | None = None  # requirements lock -> wheels/ + requirements.lock in the context
     copy: dict[str, str] = field(default_factory=dict)  # repo path -> path in the context
     packages: str = "images/base/packages.txt"  # rootfs only: the Debian packages debootstrap includes
+    cargo_lock: str | None = None  # Cargo.lock -> vendor/ + .cargo/config.toml in the context
+    needs: dict[str, str] = field(default_factory=dict)  # build arg -> ImageSpec name whose tag it gets
 
 
 IMAGES: dict[str, ImageSpec] = {
@@ -52,6 +62,15 @@ IMAGES: dict[str, ImageSpec] = {
             dockerfile="images/postgres/Dockerfile",
             base="postgres-rootfs",
             copy={"images/postgres": "images/postgres"},
+        ),
+        # Debian's Rust 1.85 (cargo-web, rustc-web): the offline toolchain for fastpath/.
+        ImageSpec("rust-rootfs", packages="images/fastpath/packages.txt"),
+        ImageSpec(
+            "fastpath",
+            dockerfile="images/fastpath/Dockerfile",
+            base="rust-rootfs",
+            cargo_lock="fastpath/Cargo.lock",
+            copy={"fastpath/Cargo.toml": "Cargo.toml", "fastpath/Cargo.lock": "Cargo.lock", "fastpath/src": "src"},
         ),
         ImageSpec(
             "usercode-base",
@@ -70,6 +89,7 @@ IMAGES: dict[str, ImageSpec] = {
             dockerfile="Dockerfile",
             base="base",
             lock="requirements/appliance.lock",
+            needs={"FASTPATH_IMAGE": "fastpath"},
             copy={
                 "appliance": "src/appliance",
                 "protocol": "src/protocol",
@@ -84,6 +104,7 @@ IMAGES: dict[str, ImageSpec] = {
             dockerfile="images/controlplane/Dockerfile",
             base="base",
             lock="requirements/controlplane.lock",
+            needs={"FASTPATH_IMAGE": "fastpath"},
             copy={
                 "controlplane": "src/controlplane",
                 "protocol": "src/protocol",
@@ -149,12 +170,37 @@ def wheelhouse(lock: Path) -> Path:
     return target
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """Hard-link (or copy) a file or tree into the staged context, skipping caches."""
+def cargo_vendor(lock: Path) -> Path:
+    """Vendor (once) every crate the Cargo.lock pins, on the host: docker builds reach no crate registry."""
+    target = CACHE / "cargo-vendor" / sha256_file(lock)[:16]
+    if (target / ".complete").exists():
+        return target
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        raise SystemExit(
+            "[vendor] cargo is not on this host; it vendors fastpath/'s crates for the offline image build. "
+            "Install it (apt-get install cargo-web, or rustup) and run again."
+        )
+    log(f"[vendor] cargo vendor {lock.relative_to(ROOT)} -> {target.relative_to(ROOT)}")
+    partial = target.with_suffix(".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    subprocess.run(
+        [cargo, "vendor", "--locked", "--quiet", "--manifest-path", str(lock.with_name("Cargo.toml")), str(partial)],
+        check=True,
+        stdout=subprocess.DEVNULL,  # stdout is the config; the context gets CARGO_VENDOR_CONFIG
+    )
+    (partial / ".complete").write_text("")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def _copy(src: Path, dst: Path, skip_caches: bool = True) -> None:
+    """Hard-link (or copy) a file or tree into the staged context, skipping caches (unless told not to)."""
     if src.is_dir():
         for child in src.iterdir():
-            if child.name not in IGNORED and not child.name.endswith(".pyc"):
-                _copy(child, dst / child.name)
+            if not skip_caches or (child.name not in IGNORED and not child.name.endswith(".pyc")):
+                _copy(child, dst / child.name, skip_caches)
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -176,6 +222,13 @@ def stage(spec: ImageSpec) -> Path:
         _copy(lock, ctx / "requirements.lock")
         for wheel in wheelhouse(lock).glob("*.whl"):
             _copy(wheel, ctx / "wheels" / wheel.name)
+    if spec.cargo_lock:
+        vendor = cargo_vendor(ROOT / spec.cargo_lock)
+        for crate in vendor.iterdir():
+            if crate.is_dir():
+                _copy(crate, ctx / "vendor" / crate.name, skip_caches=False)  # .cargo-checksum.json lists every file
+        (ctx / ".cargo").mkdir()
+        (ctx / ".cargo" / "config.toml").write_text(CARGO_VENDOR_CONFIG)
     return ctx
 
 
@@ -193,16 +246,16 @@ def build_rootfs(spec: ImageSpec) -> str:
     return tag
 
 
-def build_image(spec: ImageSpec, base_tag: str | None) -> str:
+def build_image(spec: ImageSpec, buildargs: dict[str, str]) -> str:
+    """Build from the staged context; the build args (BASE_IMAGE, ...: content tags) are part of the tag."""
     import docker  # the host's test requirements carry the docker SDK
 
     ctx = stage(spec)
-    buildargs = {"BASE_IMAGE": base_tag} if base_tag else {}
     tag = f"airlock/{spec.name}:{tree_hash(ctx, json.dumps(buildargs, sort_keys=True))}"
     if docker_image_exists(tag):
         log(f"[{spec.name}] {tag} exists, reused")
         return tag
-    log(f"[{spec.name}] building {tag} (BASE_IMAGE={base_tag})")
+    log(f"[{spec.name}] building {tag} ({' '.join(f'{k}={v}' for k, v in sorted(buildargs.items()))})")
     client = docker.from_env(timeout=1800)
     for chunk in client.api.build(path=str(ctx), tag=tag, buildargs=buildargs, rm=True, forcerm=True,
                                   pull=False, decode=True):
@@ -225,7 +278,10 @@ def build(names: list[str], base_image: str | None = None) -> dict[str, str]:
         if spec.dockerfile is None:
             tags[name] = base_image or build_rootfs(spec)
         else:
-            tags[name] = build_image(spec, ensure(spec.base) if spec.base else None)
+            buildargs = {arg: ensure(need) for arg, need in spec.needs.items()}
+            if spec.base:
+                buildargs["BASE_IMAGE"] = ensure(spec.base)
+            tags[name] = build_image(spec, buildargs)
             subprocess.run(["docker", "tag", tags[name], f"airlock/{name}:latest"], check=True)
         return tags[name]
 

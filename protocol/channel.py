@@ -13,8 +13,13 @@ Handshake:
   1. agent   GET /v1/channel?queues=<q1,q2>&ek=<X25519 public key, base64url>   (RFC 9421, @query covered)
   2. gateway first message, text: {"v": 1, "channel": id, "ek": <its X25519 public key>, "signedBy": key id,
              "signature": Ed25519 over `transcript(...)`}; the agent checks it against its pinned key.
-  3. both    HKDF-SHA256(X25519 secret, salt = SHA-256(transcript), info = "airlock-channel-v1 keys") -> 64
-             bytes: the first 32 key frames gateway -> agent ("down"), the last 32 agent -> gateway ("up").
+  3. both    HKDF-SHA256(X25519 secret, salt = SHA-256(transcript), info = "airlock-channel-v1 keys") -> 96
+             bytes: the first 32 key frames gateway -> agent ("down"), the next 32 agent -> gateway ("up"), the
+             last 32 are the pre-shared key of the relay's fast-path tunnel for this channel (docs/FASTPATH.md;
+             HKDF's output is a stream, so the first 64 bytes are what they were before the tunnel existed).
+The hello may also carry {"fastpath": {"port": N}}: where this gateway's tunnel listens (host: the gateway's).
+It is outside the signature on purpose: the tunnel authenticates with the channel's key, so a changed port can
+only make the tunnel fail, and relayed calls then go down the channel as before.
 Frames: binary messages `tag (32 bytes) || body`, tag = HMAC-SHA256(key of the direction, seq || body), seq an
 8-byte counter of that direction's frames from 0, never sent. A channel resends nothing, so any frame that
 is dropped, replayed, reordered or altered fails its tag, and the receiver closes the channel.
@@ -73,6 +78,7 @@ class ChannelError(Exception):
 class ChannelKeys:
     down: bytes  # gateway -> agent
     up: bytes  # agent -> gateway
+    fastpath: bytes  # the Noise PSK of this channel's fast-path tunnel (fastpath/src/noise.rs)
 
 
 class Ephemeral:
@@ -89,8 +95,8 @@ class Ephemeral:
             shared = self._private.exchange(peer)
         except ValueError as exc:  # wrong length, or a low-order point (all-zero shared secret)
             raise ChannelError(f"bad ephemeral key: {exc}") from None
-        okm = HKDF(hashes.SHA256(), 64, hashlib.sha256(transcript_bytes).digest(), _INFO).derive(shared)
-        return ChannelKeys(down=okm[:32], up=okm[32:])
+        okm = HKDF(hashes.SHA256(), 96, hashlib.sha256(transcript_bytes).digest(), _INFO).derive(shared)
+        return ChannelKeys(down=okm[:32], up=okm[32:64], fastpath=okm[64:])
 
 
 def transcript(agent_key_id: str, queues: Sequence[str], agent_ek: str, gateway_ek: str, channel_id: str) -> bytes:

@@ -63,8 +63,9 @@ class WorkChannel:
     """One open channel. `receive` from one thread; `send_results` from any (the sealer is locked)."""
 
     def __init__(self, connection: ClientConnection, channel_id: str, sealer: FrameSealer, opener: FrameOpener,
-                 client: GatewayClient) -> None:
+                 client: GatewayClient, fastpath: tuple[int, bytes] | None = None) -> None:
         self.connection, self.id, self.client = connection, channel_id, client
+        self.fastpath = fastpath  # (the edge's tunnel port, the tunnel's key) if the gateway offers a fast path
         self._sealer, self._opener = sealer, opener
         self._send_lock = threading.Lock()
         self.closed = threading.Event()
@@ -92,7 +93,8 @@ class WorkChannel:
             connection.close(code=1008, reason="bad hello")
             raise GatewayError(f"work channel handshake failed: {exc}") from None
         log.info("work channel %s open for queues %s", channel_id, ",".join(queues))
-        return cls(connection, channel_id, FrameSealer(keys.up), FrameOpener(keys.down), client)
+        return cls(connection, channel_id, FrameSealer(keys.up), FrameOpener(keys.down), client,
+                   fastpath=_offered_port(hello, keys.fastpath))
 
     def receive(self, timeout: float) -> list[SignedWork]:
         """The next frame's work, verified ([] if nothing came within `timeout`); ChannelClosed when it ends."""
@@ -144,6 +146,15 @@ class WorkChannel:
     def close(self, code: int = 1000, reason: str = "") -> None:
         self.closed.set()
         self.connection.close(code=code, reason=reason)
+
+
+def _offered_port(hello: dict[str, Any], key: bytes) -> tuple[int, bytes] | None:
+    """The fast path the hello offers, if any (unsigned on purpose: protocol/channel.py says why)."""
+    offer = hello.get("fastpath")
+    port = offer.get("port") if isinstance(offer, dict) else None
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+        return port, key
+    return None
 
 
 def _refusal(exc: InvalidStatus) -> GatewayError:

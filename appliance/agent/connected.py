@@ -20,6 +20,8 @@ from typing import Any
 
 from appliance.agent.channel import WorkChannel
 from appliance.agent.dispatcher import Dispatcher, Handler, HandlerError, Starter
+from appliance.agent.fastpath import FastPathTunnel, tunnel_address
+from appliance.agent.grpc_handler import code_server_addresses
 from appliance.agent.reconciler import Reconciler
 from appliance.agent.results import ResultBatcher
 from appliance.agent.runs import RunManager
@@ -79,9 +81,12 @@ class ConnectedAgent:
                  reconcile_interval: float = 5.0, heartbeat_interval: float = 10.0,
                  max_concurrency: int = 8, runs: RunManager | None = None,
                  open_channel: Callable[[], WorkChannel] | None = None,
-                 starters: dict[WorkKind, Starter] | None = None, max_started: int = 64) -> None:
+                 starters: dict[WorkKind, Starter] | None = None, max_started: int = 64,
+                 fastpath: FastPathTunnel | None = None, control_plane_url: str = "") -> None:
         self.client, self.reconciler, self.desired, self.runs = client, reconciler, desired, runs
         self.open_channel = open_channel
+        # The relay's compiled data path beside the channel (appliance/agent/fastpath.py); None: channel only.
+        self.fastpath, self.control_plane_url = fastpath, control_plane_url
         # Channel work a Starter can run without a worker thread (unary relayed calls), at most max_started at once.
         self.starters, self._started = dict(starters or {}), threading.BoundedSemaphore(max_started)
         self.queues, self.state_dir = queues, state_dir
@@ -108,12 +113,17 @@ class ConnectedAgent:
             self._reconcile_once()
         self.dispatcher.shutdown()
         self.results.close()
+        if self.fastpath is not None:
+            self.fastpath.close()
 
     def _reconcile_once(self) -> None:
         try:
             write_status(self.state_dir, self.reconciler.reconcile(self.desired.locations))
         except Exception as exc:  # a failed pass is retried on the next tick
             log.warning("reconcile pass failed, will retry: %s", exc)
+        if self.fastpath is not None:
+            self.fastpath.servers(code_server_addresses(self.reconciler.statuses))
+            self.fastpath.ensure_running()
         if self.runs is not None:
             try:
                 self.runs.reap()
@@ -132,6 +142,9 @@ class ConnectedAgent:
 
     def _serve_channel(self, channel: WorkChannel, stop: threading.Event) -> None:
         """Dispatch the channel's work until stop; a closed channel raises, and the retry loop reopens it."""
+        if self.fastpath is not None and channel.fastpath is not None:
+            port, key = channel.fastpath
+            self.fastpath.connect(channel.id, key, tunnel_address(self.control_plane_url, port))
         try:
             while not stop.is_set():
                 for work in channel.receive(timeout=1.0):
@@ -139,6 +152,8 @@ class ConnectedAgent:
                     if not self._start(work, reply):
                         self.dispatcher.submit(work, reply)
         finally:
+            if self.fastpath is not None:
+                self.fastpath.disconnect(channel.id)
             channel.close()
 
     def _start(self, work: SignedWork, reply: Callable[[dict[str, Any]], None]) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from appliance.agent.dispatcher import Handler, Starter
@@ -41,10 +41,15 @@ def grpc_call_starter(replayer: GrpcReplayer, statuses: Callable[[], dict[str, L
     return start
 
 
+def code_server_addresses(statuses: Mapping[str, LocationStatus]) -> dict[str, str]:
+    """host:port of each location's code server on this appliance (its container on the location network)."""
+    return {name: f"{status.container}:{DEFAULT_PORT}" for name, status in statuses.items() if status.container}
+
+
 def _address(payload: dict[str, Any], statuses: Callable[[], dict[str, LocationStatus]]) -> str | GrpcResult:
     location = payload.get("location")
-    status = statuses().get(location) if isinstance(location, str) else None
-    if status is None or not status.container:
+    address = code_server_addresses(statuses()).get(location) if isinstance(location, str) else None
+    if address is None:
         return GrpcResult.failure("UNAVAILABLE", f"location {location!r} has no code server on this appliance "
                                                  "(not desired here, or still starting)")
-    return f"{status.container}:{DEFAULT_PORT}"
+    return address

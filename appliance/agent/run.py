@@ -133,6 +133,7 @@ def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, st
     """Desired locations and work from the control plane, over the work channel or signed long polls."""
     from appliance.agent.channel import WorkChannel
     from appliance.agent.connected import ConnectedAgent, DesiredLocations
+    from appliance.agent.fastpath import FastPathTunnel
     from appliance.agent.grpc_handler import grpc_call_handler, grpc_call_starter
     from appliance.agent.grpc_replay import GrpcReplayer
     from appliance.agent.identity import KeyFile, ensure_enrolled
@@ -140,6 +141,7 @@ def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, st
     from appliance.agent.status import LocationStatus
     from appliance.agent.transport import GatewayClient, https_client
     from appliance.metadata.tokens import RunTokens
+    from protocol.fastpath import find_binary
     from protocol.work import WorkKind
 
     client = GatewayClient(https_client(settings.control_plane_url, settings.ca_file), KeyFile(settings.state_dir))
@@ -165,12 +167,16 @@ def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, st
         return dict(reconciler.statuses)
 
     log.info("work arrives by %s", "the work channel (WebSocket)" if open_channel else "long poll")
+    binary = find_binary(settings.fastpath) if open_channel else None
+    fastpath = FastPathTunnel(binary) if binary else None
+    log.info("relay fast path: %s", f"{binary} (when the gateway offers it)" if fastpath else
+             "off" if settings.fastpath == "off" or not open_channel else "not installed")
     agent = ConnectedAgent(
         client, reconciler, desired, queues=list(settings.queues),
         state_dir=settings.state_dir, reconcile_interval=settings.reconcile_interval,
         handlers={WorkKind.GRPC_CALL: grpc_call_handler(replayer, statuses)},
         starters={WorkKind.GRPC_CALL: grpc_call_starter(replayer, statuses)},
-        runs=runs, open_channel=open_channel,
+        runs=runs, open_channel=open_channel, fastpath=fastpath, control_plane_url=settings.control_plane_url,
     )
     agent.run(stop)
 

@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.websockets import WebSocket
 
@@ -49,15 +49,24 @@ class ChannelLost(Exception):
     """The channel closed before the agent answered a direct call."""
 
 
+class FastPath(Protocol):
+    """Where a channel registers its tunnel key (controlplane/relay/fastpath.py's FastPathEdge)."""
+
+    port: int
+
+    def ticket(self, channel: str, key: bytes, deployment: str, queues: list[str]) -> None: ...
+    def revoke(self, channel: str) -> None: ...
+
+
 class AgentChannel:
     """One connected agent's channel: send work, route its results, then fail what it leaves unanswered."""
 
     def __init__(self, websocket: WebSocket, caller: Caller, *, key: SigningKey, store: AgentStore,
-                 queue: WorkQueue) -> None:
+                 queue: WorkQueue, fastpath: FastPath | None = None) -> None:
         assert caller.agent is not None
         self.websocket, self.caller, self.agent = websocket, caller, caller.agent
         self.queues: list[str] = caller.body["queues"]
-        self._key, self._store, self._queue = key, store, queue
+        self._key, self._store, self._queue, self._fastpath = key, store, queue, fastpath
         self.id = ""
         self.loop = asyncio.get_running_loop()
         self._calls: dict[str, asyncio.Future[dict[str, Any]]] = {}  # direct calls awaiting their result
@@ -88,6 +97,9 @@ class AgentChannel:
         await self.websocket.accept()
         hello, keys = gateway_hello(self._key, self.caller.key_id, self.queues, self.caller.body["ek"])
         self.id = hello["channel"]
+        if self._fastpath is not None and self._fastpath.port:
+            self._fastpath.ticket(self.id, keys.fastpath, self.agent.deployment, self.queues)
+            hello["fastpath"] = {"port": self._fastpath.port}
         await self.websocket.send_text(json.dumps(hello))
         self._sealer, opener = FrameSealer(keys.down), FrameOpener(keys.up)
         self._store.audit(operation=f"channel {self.id}", accepted=True, key_id=self.caller.key_id,
@@ -97,6 +109,8 @@ class AgentChannel:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             return next(iter(done)).result()
         finally:
+            if self._fastpath is not None:
+                self._fastpath.revoke(self.id)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -184,6 +198,7 @@ class ChannelHub:
 
     def __init__(self) -> None:
         self._channels: list[AgentChannel] = []
+        self.fastpath: FastPath | None = None  # set by serve_gateway when the edge runs
 
     def add(self, channel: AgentChannel) -> None:
         self._channels.append(channel)
@@ -206,7 +221,7 @@ def channel_endpoint(hub: ChannelHub, *, key: SigningKey, store: AgentStore, que
 
     async def endpoint(websocket: WebSocket) -> None:
         caller: Caller = websocket.scope["auth"]
-        channel = AgentChannel(websocket, caller, key=key, store=store, queue=queue)
+        channel = AgentChannel(websocket, caller, key=key, store=store, queue=queue, fastpath=hub.fastpath)
         hub.add(channel)
         started = time.monotonic()
         reason = "gateway stopping"

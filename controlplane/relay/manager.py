@@ -17,6 +17,7 @@ from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import Registry
 from controlplane.relay.calls import ChannelCalls
+from controlplane.relay.fastpath import FastPathEdge
 from controlplane.relay.scrub import scrub_instance_ref
 from controlplane.relay.server import CallQueue, RelayServer, WorkQueueCalls
 
@@ -42,14 +43,17 @@ class LiveAgentCalls(WorkQueueCalls):
 
 
 async def serve(registry: Registry, queue: WorkQueue, store: AgentStore, host: str, stop: asyncio.Event,
-                hub: ChannelHub | None = None) -> None:
-    """Run until `stop`; with a `hub`, calls go over the agents' work channels first (relay/calls.py)."""
+                hub: ChannelHub | None = None, edge: FastPathEdge | None = None) -> None:
+    """Run until `stop`; with a `hub`, calls go over the agents' work channels first (relay/calls.py); with an
+    `edge`, the edge owns the relay ports and each Python relay listens on loopback behind it (relay/fastpath.py)."""
     running: dict[tuple[str, str], tuple[RelayServer, int, str]] = {}
     while not stop.is_set():
         wanted = {(r.deployment, r.spec.name): r for r in registry.list()}
         for key, (server, port, route_queue) in list(running.items()):
             record = wanted.get(key)
             if record is None or record.relay_port != port or record.spec.queue != route_queue:
+                if edge is not None:
+                    edge.unlisten(f"{host}:{port}")
                 await server.stop()
                 del running[key]
         for key, record in wanted.items():
@@ -59,16 +63,22 @@ async def serve(registry: Registry, queue: WorkQueue, store: AgentStore, host: s
             calls: CallQueue = LiveAgentCalls(queue, store, deployment, queue_name)
             if hub is not None:
                 calls = ChannelCalls(hub, calls, deployment, queue_name)
-            server = RelayServer(record.spec.name, calls, address=f"{host}:{record.relay_port}",
+            public = f"{host}:{record.relay_port}"
+            server = RelayServer(record.spec.name, calls, address="127.0.0.1:0" if edge else public,
                                  rewrite=scrub_instance_ref)
             try:
-                await server.start()
+                internal = await server.start()
+                if edge is not None:
+                    await edge.listen(record.spec.name, public, f"127.0.0.1:{internal}", deployment, queue_name)
             except OSError as exc:
+                await server.stop()
                 log.error("%s; retrying on the next pass", exc)
                 continue
             running[key] = (server, record.relay_port, queue_name)
         await asyncio.to_thread(queue.requeue_expired_leases)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), SYNC_SECONDS)
-    for server, _, _ in running.values():
+    for server, port, _ in running.values():
+        if edge is not None:
+            edge.unlisten(f"{host}:{port}")
         await server.stop()

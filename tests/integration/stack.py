@@ -89,7 +89,7 @@ def control_plane_and_appliance(workdir: Path, *, quiet: bool = False) -> Iterat
     dc.networks.create(network, driver="bridge", labels={"airlock.test-run": run})
     user_gateway = dc.networks.create(user_network, driver="bridge", labels={"airlock.test-run": run}) \
         .attrs["IPAM"]["Config"][0]["Gateway"]
-    gateway_port = _free_port()
+    gateway_port, fastpath_port = _free_port(), _free_port()
     appliance = harness.Appliance(dc, run, workdir, images["appliance"], network=user_network)
     cp_container = None
     try:
@@ -98,8 +98,12 @@ def control_plane_and_appliance(workdir: Path, *, quiet: bool = False) -> Iterat
         cp_container = dc.containers.run(images["controlplane"], detach=True, name=f"airlock-{run}-controlplane",
                                           network=network, labels={"airlock.test-run": run},
                                           environment={"AIRLOCK_CP_TLS_HOSTNAMES": f"controlplane,{user_gateway}",
-                                                       "AIRLOCK_CP_KEY_GRACE_SECONDS": str(GRACE_SECONDS)},
-                                          ports={"8443/tcp": (user_gateway, gateway_port)},
+                                                       "AIRLOCK_CP_KEY_GRACE_SECONDS": str(GRACE_SECONDS),
+                                                       "AIRLOCK_CP_FASTPATH_PORT": str(fastpath_port),
+                                                       "AIRLOCK_CP_FASTPATH_STATS_SECONDS": "5"},
+                                          # the relay's fast-path tunnel port too (docs/FASTPATH.md): agents dial it
+                                          ports={"8443/tcp": (user_gateway, gateway_port),
+                                                 "8450/tcp": (user_gateway, fastpath_port)},
                                           volumes={f"airlock-{run}-cp-state": {"bind": "/var/lib/airlock-cp"}})
         cp = ControlPlane(dc, cp_container, network)
         wait("control plane webserver", lambda: cp.graphql("{ version }"), 120)

@@ -5,6 +5,7 @@ signed long-poll agent API. The appliance publishes nothing; every connection go
 from __future__ import annotations
 
 import json
+import re
 
 from tests.integration.stack import ControlPlane, wait
 
@@ -36,6 +37,26 @@ ALEMBIC_ROWS = """import glob, sqlite3
 for path in sorted(glob.glob("/var/lib/airlock-cp/dagster/**/*.db", recursive=True)):
     rows = sqlite3.connect(path).execute("select version_num from alembic_version").fetchall()
     print(path, ",".join(r[0] for r in rows))"""
+
+
+def test_the_locations_plain_calls_take_the_fast_path_tunnel_the_agent_dialled(stack) -> None:
+    """In the shipped images the relay's compiled data path is on: the agent's child dials the edge (outward, like
+    every connection of the appliance), and the webserver's plain calls (ListRepositories, ExternalRepository,
+    Ping...) go down that tunnel while GetServerId and the scrubbed ones keep the Python road (docs/FASTPATH.md)."""
+    cp, appliance = stack
+    appliance.wait_for("example", "LOADED", timeout=240)
+    wait("example LOADED in the Dagster UI", lambda: cp.graphql(WORKSPACE)["workspaceOrError"]["locationEntries"][0]
+         ["loadStatus"] == "LOADED", 180)
+    assert "fast path tunnel up" in appliance.logs()
+
+    def tunnelled() -> list[str]:
+        cp.graphql(WORKSPACE)  # the webserver asks the code server again (through the relay)
+        log = cp.container.logs().decode(errors="replace")
+        counts = re.findall(r"relay fast path, last \d+ s: (\d+) call\(s\) through agents' tunnels", log)
+        return [n for n in counts if int(n) > 0]
+
+    assert wait("a report of calls through the tunnel", tunnelled, 60)
+    assert "fast path tunnel up for channel" in cp.container.logs().decode(errors="replace")
 
 
 def test_dagsters_storage_is_created_once_before_the_programs_that_share_it_start(stack) -> None:
