@@ -33,6 +33,26 @@ fn prologue(channel: &str) -> Vec<u8> {
     [MAGIC, channel.as_bytes()].concat()
 }
 
+/// The handshake state of one side, bound to the channel (prologue) and its key (the pattern's PSK).
+fn handshake_state(channel: &str, key: &[u8; KEY_BYTES], initiator: bool) -> io::Result<snow::HandshakeState> {
+    let prologue = prologue(channel);
+    let builder = snow::Builder::new(PATTERN.parse().expect("valid pattern")).prologue(&prologue).psk(0, key);
+    let state = if initiator { builder.build_initiator() } else { builder.build_responder() };
+    state.map_err(|e| noise_error("noise setup", e))
+}
+
+/// Run one side's handshake (`exchange`) under the handshake timeout and turn it into the encrypted stream.
+async fn finish<T, F>(exchange: F) -> io::Result<NoiseStream<T>>
+where
+    F: std::future::Future<Output = io::Result<(T, snow::HandshakeState)>>,
+{
+    let (io, state) = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "tunnel handshake timed out"))??;
+    let transport = state.into_transport_mode().map_err(|e| noise_error("handshake", e))?;
+    Ok(NoiseStream::new(io, transport))
+}
+
 fn noise_error(what: &str, err: snow::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {err}"))
 }
@@ -59,12 +79,8 @@ pub async fn initiate<T: AsyncRead + AsyncWrite + Unpin>(
 ) -> io::Result<NoiseStream<T>> {
     let id = channel.as_bytes();
     let id_len = u8::try_from(id.len()).map_err(|_| io::Error::other("channel id over 255 bytes"))?;
-    let run = async {
-        let mut state = snow::Builder::new(PATTERN.parse().expect("valid pattern"))
-            .prologue(&prologue(channel))
-            .psk(0, key)
-            .build_initiator()
-            .map_err(|e| noise_error("noise setup", e))?;
+    let mut state = handshake_state(channel, key, true)?;
+    finish(async move {
         let mut buf = vec![0u8; MAX_MESSAGE];
         io.write_all(&[MAGIC, &[id_len], id].concat()).await?;
         let n = state.write_message(&[], &mut buf).map_err(|e| noise_error("handshake", e))?;
@@ -73,13 +89,9 @@ pub async fn initiate<T: AsyncRead + AsyncWrite + Unpin>(
         state
             .read_message(&reply, &mut buf)
             .map_err(|e| noise_error("the edge's handshake reply does not authenticate (wrong key?)", e))?;
-        let transport = state.into_transport_mode().map_err(|e| noise_error("handshake", e))?;
-        Ok::<_, io::Error>(transport)
-    };
-    let transport = tokio::time::timeout(HANDSHAKE_TIMEOUT, run)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "tunnel handshake timed out"))??;
-    Ok(NoiseStream::new(io, transport))
+        Ok((io, state))
+    })
+    .await
 }
 
 /// The first thing the edge reads from a new connection: which channel's key the agent claims to hold.
@@ -106,12 +118,8 @@ pub async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
     channel: &str,
     key: &[u8; KEY_BYTES],
 ) -> io::Result<NoiseStream<T>> {
-    let run = async {
-        let mut state = snow::Builder::new(PATTERN.parse().expect("valid pattern"))
-            .prologue(&prologue(channel))
-            .psk(0, key)
-            .build_responder()
-            .map_err(|e| noise_error("noise setup", e))?;
+    let mut state = handshake_state(channel, key, false)?;
+    finish(async move {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let hello = read_message(&mut io).await?;
         state
@@ -119,13 +127,9 @@ pub async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
             .map_err(|e| noise_error("the agent's handshake does not authenticate (wrong key?)", e))?;
         let n = state.write_message(&[], &mut buf).map_err(|e| noise_error("handshake", e))?;
         write_message(&mut io, &buf[..n]).await?;
-        let transport = state.into_transport_mode().map_err(|e| noise_error("handshake", e))?;
-        Ok::<_, io::Error>(transport)
-    };
-    let transport = tokio::time::timeout(HANDSHAKE_TIMEOUT, run)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "tunnel handshake timed out"))??;
-    Ok(NoiseStream::new(io, transport))
+        Ok((io, state))
+    })
+    .await
 }
 
 /// A byte stream over Noise transport messages: what hyper's HTTP/2 runs on inside the tunnel.

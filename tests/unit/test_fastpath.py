@@ -27,7 +27,7 @@ from protocol.channel import Ephemeral, transcript
 from protocol.dagster_grpc import SERVICE
 from protocol.fastpath import find_binary
 from protocol.grpc_calls import BY_PATH, METHODS, Arity
-from tests.unit.test_grpc_relay import OPTIONS, FakeCodeServer, MemoryCalls, run_agent, stream_answers, unary_answer
+from tests.unit.grpc_fakes import OPTIONS, FakeCodeServer, MemoryCalls, run_agent, stream_answers, unary_answer
 
 PING, STREAMING_PING = BY_PATH[f"/{SERVICE}/Ping"], BY_PATH[f"/{SERVICE}/StreamingPing"]
 GET_SERVER_ID, START_RUN = BY_PATH[f"/{SERVICE}/GetServerId"], BY_PATH[f"/{SERVICE}/StartRun"]
@@ -39,29 +39,6 @@ def binary() -> str:
     if found is None:
         pytest.fail("airlock-fastpath is not built: run `make fastpath` (cargo build --release in fastpath/)")
     return found
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    ev = asyncio.new_event_loop()
-    thread = threading.Thread(target=ev.run_forever, daemon=True)
-    thread.start()
-    yield ev
-    ev.call_soon_threadsafe(ev.stop)
-    thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def code_server() -> Iterator[tuple[FakeCodeServer, str]]:
-    from concurrent import futures
-
-    fake = FakeCodeServer()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=OPTIONS)
-    server.add_generic_rpc_handlers([fake])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield fake, f"127.0.0.1:{port}"
-    server.stop(0)
 
 
 def free_port() -> int:
