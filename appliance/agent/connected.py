@@ -123,7 +123,7 @@ class ConnectedAgent:
             log.warning("reconcile pass failed, will retry: %s", exc)
         if self.fastpath is not None:
             self.fastpath.servers(code_server_addresses(self.reconciler.statuses))
-            self.fastpath.ensure_running()
+            self.fastpath.revive()
         if self.runs is not None:
             try:
                 self.runs.reap()

@@ -49,6 +49,11 @@ class FastPathTunnel:
         self._target: dict[str, Any] | None = None
         self.up = threading.Event()  # set while the tunnel is open (the child says so)
 
+    def revive(self) -> None:
+        """Start the child again if it was started and has died (the agent calls this every reconcile pass)."""
+        if self._process is not None and self._process.poll() is not None:
+            self.ensure_running()
+
     def ensure_running(self) -> None:
         """Start the child if it is not running, and tell it the current state."""
         with self._lock:

@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
+from appliance.agent.channel import ChannelClosed
 from appliance.agent.connected import ConnectedAgent, DesiredLocations
 from appliance.agent.identity import ensure_enrolled, load_or_create_key
 from appliance.agent.status import ApplianceStatus, LocationStatus, State
@@ -120,3 +121,69 @@ def test_heartbeat_reaches_the_control_plane(world) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("no heartbeat with the location arrived")
+
+
+class RecordingTunnel:
+    """Stands in for appliance/agent/fastpath.py's FastPathTunnel: what the agent asks of it, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def connect(self, channel: str, key: bytes, address: str) -> None:
+        self.calls.append(("connect", channel, key, address))
+
+    def disconnect(self, channel: str) -> None:
+        self.calls.append(("disconnect", channel))
+
+    def servers(self, servers: dict[str, str]) -> None:
+        self.calls.append(("servers", servers))
+
+    def revive(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.calls.append(("close",))
+
+
+@dataclass
+class ClosingChannel:
+    """A work channel that ends at its first receive, as one the gateway closes."""
+
+    fastpath: tuple[int, bytes] | None
+    id: str = "chan-9"
+
+    def receive(self, timeout: float) -> list:
+        raise ChannelClosed(f"channel {self.id} closed")
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        pass
+
+
+class ServingReconciler(FakeReconciler):
+    def reconcile(self, locations: tuple[Location, ...]) -> ApplianceStatus:
+        self.statuses = {"loc": LocationStatus("loc", State.LOADED, container="airlock-loc-1"),
+                         "starting": LocationStatus("starting", State.LOADING)}
+        return ApplianceStatus("t", time.time(), dict(self.statuses))
+
+
+def test_the_fast_path_tunnel_lives_as_long_as_the_work_channel_and_knows_the_code_servers(tmp_path: Path) -> None:
+    tunnel = RecordingTunnel()
+
+    class NoPosts:
+        def post_results(self, results: list) -> int:
+            return len(results)
+
+    agent = ConnectedAgent(NoPosts(), ServingReconciler(), DesiredLocations(str(tmp_path), POLICY),  # type: ignore[arg-type]
+                           queues=["default"], state_dir=str(tmp_path), fastpath=tunnel,  # type: ignore[arg-type]
+                           control_plane_url="https://gw.example:8443")
+    key = b"k" * 32
+    with pytest.raises(ChannelClosed):
+        agent._serve_channel(ClosingChannel(fastpath=(8450, key)), threading.Event())  # type: ignore[arg-type]
+    assert tunnel.calls == [("connect", "chan-9", key, "gw.example:8450"), ("disconnect", "chan-9")]
+    tunnel.calls.clear()
+    with pytest.raises(ChannelClosed):  # a gateway that offers no fast path: no tunnel
+        agent._serve_channel(ClosingChannel(fastpath=None), threading.Event())  # type: ignore[arg-type]
+    assert tunnel.calls == [("disconnect", "chan-9")]  # (a no-op for a channel it never connected)
+    tunnel.calls.clear()
+    agent._reconcile_once()  # only locations whose code server container exists, by its name on the network
+    assert tunnel.calls == [("servers", {"loc": "airlock-loc-1:4000"})]

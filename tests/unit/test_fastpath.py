@@ -334,3 +334,17 @@ def test_a_request_over_dagsters_message_limit_is_refused(fast: FastStack) -> No
         assert big.unary_unary(PING.path)(b"x" * 1024, timeout=5) == unary_answer(PING.path, b"x" * 1024)
     finally:
         big.close()
+
+
+def test_the_agent_takes_only_a_well_formed_offer_and_dials_the_gateways_own_host() -> None:
+    from appliance.agent.channel import _offered_port
+
+    key = b"k" * 32
+    assert _offered_port({"fastpath": {"port": 8450}}, key) == (8450, key)
+    for offer in ({}, {"fastpath": None}, {"fastpath": {"port": "8450"}}, {"fastpath": {"port": True}},
+                  {"fastpath": {"port": 0}}, {"fastpath": {"port": 65536}}, {"fastpath": 8450}):
+        assert _offered_port(offer, key) is None, offer
+    assert tunnel_address("https://cp.example.internal:8443/base", 8450) == "cp.example.internal:8450"
+    assert tunnel_address("https://[fd00::1]:8443", 8450) == "[fd00::1]:8450"
+    with pytest.raises(ValueError):
+        tunnel_address("https:///nohost", 8450)
