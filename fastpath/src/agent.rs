@@ -13,18 +13,18 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, Uri};
-use http_body_util::BodyExt;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::control::{self, emit, parse_key, Command, Event};
 use crate::edge::LOCATION_HEADER;
-use crate::grpc::{status_response, Body, Code};
+use crate::grpc::{self, status_response, Body, Code};
+use crate::h2call;
 use crate::noise::{self, KEY_BYTES};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,21 +41,12 @@ struct Target {
 pub struct Agent {
     methods: RwLock<HashSet<String>>,
     servers: RwLock<HashMap<String, String>>,
-    code_servers: Client<HttpConnector, Body>,
+    code_servers: h2call::Pool,
 }
 
 impl Agent {
     pub fn new() -> Arc<Agent> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let code_servers = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .http2_initial_stream_window_size(4 << 20)
-            .http2_initial_connection_window_size(8 << 20)
-            .build(connector);
-        Arc::new(Agent { methods: RwLock::default(), servers: RwLock::default(), code_servers })
+        Arc::new(Agent { methods: RwLock::default(), servers: RwLock::default(), code_servers: h2call::Pool::default() })
     }
 
     /// One tunnelled call: check it, forward it to the location's code server, stream the answer back.
@@ -73,21 +64,38 @@ impl Agent {
             return status_response(Code::Unavailable, &format!(
                 "location {location:?} has no code server on this appliance (not desired here, or still starting)"));
         };
-        let uri: Uri = match format!("http://{server}{path}").parse() {
-            Ok(uri) => uri,
+        let (parts, body) = request.into_parts();
+        let message = match Limited::new(body, grpc::MAX_MESSAGE_BYTES).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+                return status_response(Code::ResourceExhausted,
+                    &format!("airlock agent: {path}: request larger than {} bytes", grpc::MAX_MESSAGE_BYTES));
+            }
+            Err(err) => return status_response(Code::Internal, &format!("airlock agent: reading {path}: {err}")),
+        };
+        let mut head = match Request::post(format!("http://{server}{path}")).body(()) {
+            Ok(head) => head,
             Err(err) => return status_response(Code::Internal, &format!("airlock agent: bad address {server}: {err}")),
         };
-        let (parts, body) = request.into_parts();
-        let mut outbound = Request::post(uri).body(body.map_err(Into::into).boxed()).expect("a valid request");
         for name in FORWARDED_HEADERS {
             if let Some(value) = parts.headers.get(name) {
-                outbound.headers_mut().insert(name, value.clone());
+                head.headers_mut().insert(name, value.clone());
             }
         }
-        match self.code_servers.request(outbound).await {
+        let unavailable = |err: String| status_response(Code::Unavailable, &format!(
+            "airlock agent: the code server for location {location:?} at {server} is not answering: {err}"));
+        let sender = match self.code_servers.sender(&server).await {
+            Ok(sender) => sender,
+            Err(err) => return unavailable(err),
+        };
+        match h2call::call(sender, head, message).await {
             Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
-            Err(err) => status_response(Code::Unavailable, &format!(
-                "airlock agent: the code server for location {location:?} at {server} is not answering: {err}")),
+            Err(err) => {
+                if err.is_io() || err.is_go_away() {
+                    self.code_servers.forget(&server); // a replaced or restarted code server: reconnect next time
+                }
+                unavailable(err.to_string())
+            }
         }
     }
 

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
+use h2::client::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,6 +29,7 @@ use tokio::task::AbortHandle;
 
 use crate::control::{self, emit, parse_key, Command, Event};
 use crate::grpc::{self, format_timeout, parse_timeout, plan_wait, status_response, Body, Code, Waits};
+use crate::h2call;
 use crate::noise::{self, KEY_BYTES};
 
 /// Tunnel connections that may be in their handshake at once (each gives up after noise::HANDSHAKE_TIMEOUT).
@@ -50,7 +52,7 @@ struct Listener {
 
 struct Tunnel {
     id: u64,
-    sender: SendRequest<Body>,
+    sender: SendRequest<Bytes>,
     task: AbortHandle,
 }
 
@@ -197,7 +199,7 @@ impl Edge {
         let path = request.uri().path().to_owned();
         let fast = self.methods.read().unwrap().contains(&path);
         let sender = if fast { self.pick_tunnel(route) } else { None };
-        let Some(mut sender) = sender else {
+        let Some(sender) = sender else {
             self.roads.python.fetch_add(1, Ordering::Relaxed);
             return self.to_fallback(route, request.map(|body| body.map_err(Into::into).boxed())).await;
         };
@@ -209,8 +211,8 @@ impl Edge {
             return status_response(Code::DeadlineExceeded, &format!("airlock relay: {path} arrived past its deadline"));
         }
         let (parts, body) = request.into_parts();
-        // Buffered whole (a request is one message) so that the call can still take the Python road if the
-        // tunnel breaks before the agent answers.
+        // Buffered whole (a request is one message): it goes down the tunnel in one write, and can still take
+        // the Python road if the tunnel breaks before the agent answers.
         let message = match Limited::new(body, grpc::MAX_MESSAGE_BYTES).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(err) if err.is::<http_body_util::LengthLimitError>() => {
@@ -219,23 +221,19 @@ impl Edge {
             }
             Err(err) => return status_response(Code::Internal, &format!("airlock relay: reading {path}: {err}")),
         };
-        let mut tunnelled = Request::post(format!("http://agent{path}"))
+        let mut head = Request::post(format!("http://agent{path}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .header(LOCATION_HEADER, HeaderValue::from_str(&route.location).expect("location names are ASCII"))
             .header("grpc-timeout", format_timeout(wait))
-            .body(Full::new(message.clone()).map_err(|never| match never {}).boxed())
+            .body(())
             .expect("a valid request");
         for name in ["grpc-encoding", "grpc-accept-encoding"] {
             if let Some(value) = parts.headers.get(name) {
-                tunnelled.headers_mut().insert(name, value.clone());
+                head.headers_mut().insert(name, value.clone());
             }
         }
-        let answer = tokio::time::timeout(wait, async {
-            sender.ready().await?;
-            sender.send_request(tunnelled).await
-        })
-        .await;
+        let answer = tokio::time::timeout(wait, h2call::call(sender, head, message.clone())).await;
         match answer {
             Ok(Ok(response)) => response.map(|body| body.map_err(Into::into).boxed()),
             Ok(Err(err)) => {
@@ -260,13 +258,12 @@ impl Edge {
     }
 
     /// A tunnel of an agent that serves the location's queue, taking turns among several.
-    fn pick_tunnel(&self, route: &Route) -> Option<SendRequest<Body>> {
+    fn pick_tunnel(&self, route: &Route) -> Option<SendRequest<Bytes>> {
         let tickets = self.tickets.lock().unwrap();
         let live: Vec<&Tunnel> = tickets
             .values()
             .filter(|t| t.deployment == route.deployment && t.queues.contains(&route.queue))
             .filter_map(|t| t.tunnel.as_ref())
-            .filter(|tunnel| !tunnel.sender.is_closed())
             .collect();
         if live.is_empty() {
             return None;
@@ -316,21 +313,12 @@ impl Edge {
             Ok(stream) => stream,
             Err(err) => return decision(peer, &channel, &err.to_string()),
         };
-        let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(8 << 20)
-            .handshake(TokioIo::new(stream))
-            .await;
-        let (sender, connection) = match handshake {
+        let (sender, running) = match h2call::connect(stream, true).await {
             Ok(pair) => pair,
-            Err(err) => return decision(peer, &channel, &format!("HTTP/2 handshake failed: {err}")),
+            Err(err) => return decision(peer, &channel, &err),
         };
         drop(permit);
         let id = self.next_tunnel.fetch_add(1, Ordering::Relaxed);
-        let running = tokio::spawn(connection);
         let tunnel = Tunnel { id, sender, task: running.abort_handle() };
         {
             let mut tickets = self.tickets.lock().unwrap();
@@ -344,7 +332,7 @@ impl Edge {
         emit(&Event::TunnelUp { channel: &channel });
         let reason = match running.await {
             Ok(Ok(())) => "closed".to_owned(),
-            Ok(Err(err)) => err.to_string(),
+            Ok(Err(err)) => err,
             Err(_) => "closed by the control plane (channel revoked or replaced)".to_owned(),
         };
         if let Some(ticket) = self.tickets.lock().unwrap().get_mut(&channel) {

@@ -9,6 +9,7 @@ mod agent;
 mod control;
 mod edge;
 mod grpc;
+mod h2call;
 mod noise;
 
 use std::process::ExitCode;
