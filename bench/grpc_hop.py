@@ -90,8 +90,9 @@ def nginx_conf(workdir: Path, name: str, port: int, upstream: str) -> Path:
     conf.write_text(f"""daemon off; worker_processes 1; error_log {workdir}/{name}.err; pid {workdir}/{name}.pid;
 events {{ worker_connections 1024; }}
 http {{ access_log off; client_body_temp_path {workdir}/{name}-body;
-  server {{ listen 127.0.0.1:{port} http2; location / {{ grpc_pass grpc://{upstream}; }} }} }}
-""")
+  upstream next {{ server {upstream}; keepalive 16; }}
+  server {{ listen 127.0.0.1:{port} http2; location / {{ grpc_pass grpc://next; }} }} }}
+""")  # keepalive: reuse upstream connections, as the relay's own hops do (without it, one TCP connect per call)
     return conf
 
 
