@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -65,13 +65,9 @@ impl Agent {
                 "location {location:?} has no code server on this appliance (not desired here, or still starting)"));
         };
         let (parts, body) = request.into_parts();
-        let message = match Limited::new(body, grpc::MAX_MESSAGE_BYTES).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-                return status_response(Code::ResourceExhausted,
-                    &format!("airlock agent: {path}: request larger than {} bytes", grpc::MAX_MESSAGE_BYTES));
-            }
-            Err(err) => return status_response(Code::Internal, &format!("airlock agent: reading {path}: {err}")),
+        let message = match grpc::read_message(body, "airlock agent", &path).await {
+            Ok(message) => message,
+            Err(refusal) => return refusal,
         };
         let mut head = match Request::post(format!("http://{server}{path}")).body(()) {
             Ok(head) => head,
@@ -82,20 +78,10 @@ impl Agent {
                 head.headers_mut().insert(name, value.clone());
             }
         }
-        let unavailable = |err: String| status_response(Code::Unavailable, &format!(
-            "airlock agent: the code server for location {location:?} at {server} is not answering: {err}"));
-        let sender = match self.code_servers.sender(&server).await {
-            Ok(sender) => sender,
-            Err(err) => return unavailable(err),
-        };
-        match h2call::call(sender, head, message).await {
+        match self.code_servers.call(&server, head, message).await {
             Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
-            Err(err) => {
-                if err.is_io() || err.is_go_away() {
-                    self.code_servers.forget(&server); // a replaced or restarted code server: reconnect next time
-                }
-                unavailable(err.to_string())
-            }
+            Err(err) => status_response(Code::Unavailable, &format!(
+                "airlock agent: the code server for location {location:?} at {server} is not answering: {err}")),
         }
     }
 

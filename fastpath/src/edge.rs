@@ -15,13 +15,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Request, Response, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{HeaderValue, Request, Response};
+use http_body_util::BodyExt;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use h2::client::SendRequest;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -70,7 +69,7 @@ pub struct Edge {
     tickets: Mutex<HashMap<String, Ticket>>,
     next_tunnel: AtomicU64,
     turn: AtomicUsize,
-    fallback: Client<HttpConnector, Body>,
+    fallback: h2call::Pool,
     roads: Roads,
     stats_every: RwLock<Duration>,
 }
@@ -85,9 +84,6 @@ struct Roads {
 
 impl Edge {
     pub fn new() -> Arc<Edge> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let fallback = Client::builder(TokioExecutor::new()).http2_only(true).timer(TokioTimer::new()).build(connector);
         Arc::new(Edge {
             methods: RwLock::new(HashSet::new()),
             waits: RwLock::new(Waits::default()),
@@ -95,7 +91,7 @@ impl Edge {
             tickets: Mutex::new(HashMap::new()),
             next_tunnel: AtomicU64::new(1),
             turn: AtomicUsize::new(0),
-            fallback,
+            fallback: h2call::Pool::default(),
             roads: Roads::default(),
             stats_every: RwLock::new(Duration::from_secs(60)),
         })
@@ -196,31 +192,25 @@ impl Edge {
 
     /// One call from the webserver or daemon: down a tunnel if it may and can, to the Python relay otherwise.
     async fn relay(&self, route: &Route, request: Request<Incoming>) -> Response<Body> {
-        let path = request.uri().path().to_owned();
+        let (mut parts, body) = request.into_parts();
+        let path = parts.uri.path().to_owned();
+        let message = match grpc::read_message(body, "airlock relay", &path).await {
+            Ok(message) => message,
+            Err(refusal) => return refusal,
+        };
         let fast = self.methods.read().unwrap().contains(&path);
         let sender = if fast { self.pick_tunnel(route) } else { None };
         let Some(sender) = sender else {
             self.roads.python.fetch_add(1, Ordering::Relaxed);
-            return self.to_fallback(route, request.map(|body| body.map_err(Into::into).boxed())).await;
+            return self.to_fallback(route, &parts, message).await;
         };
         self.roads.tunnel.fetch_add(1, Ordering::Relaxed);
         let waits = *self.waits.read().unwrap();
-        let (wait, caller_bound) = plan_wait(parse_timeout(request.headers()), &waits);
+        let (wait, caller_bound) = plan_wait(parse_timeout(&parts.headers), &waits);
         let started = Instant::now();
         if wait.is_zero() {
             return status_response(Code::DeadlineExceeded, &format!("airlock relay: {path} arrived past its deadline"));
         }
-        let (parts, body) = request.into_parts();
-        // Buffered whole (a request is one message): it goes down the tunnel in one write, and can still take
-        // the Python road if the tunnel breaks before the agent answers.
-        let message = match Limited::new(body, grpc::MAX_MESSAGE_BYTES).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-                return status_response(Code::ResourceExhausted,
-                    &format!("airlock relay: {path}: request larger than {} bytes", grpc::MAX_MESSAGE_BYTES));
-            }
-            Err(err) => return status_response(Code::Internal, &format!("airlock relay: reading {path}: {err}")),
-        };
         let mut head = Request::post(format!("http://agent{path}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
@@ -237,16 +227,16 @@ impl Edge {
         match answer {
             Ok(Ok(response)) => response.map(|body| body.map_err(Into::into).boxed()),
             Ok(Err(err)) => {
+                // The message is still here: relayed methods are reads or reloads, so the Python road may run it.
                 self.roads.handed_back.fetch_add(1, Ordering::Relaxed);
                 let left = wait.saturating_sub(started.elapsed());
                 control::log(format_args!(
                     "fastpath location={} method={path}: the tunnel failed before the agent answered ({err}); \
                      the Python relay takes the call ({:.1} s left)", route.location, left.as_secs_f64()));
-                let mut retry = Request::from_parts(parts, Full::new(message).map_err(|never| match never {}).boxed());
                 if caller_bound {
-                    retry.headers_mut().insert("grpc-timeout", format_timeout(left));
+                    parts.headers.insert("grpc-timeout", format_timeout(left));
                 }
-                self.to_fallback(route, retry).await
+                self.to_fallback(route, &parts, message).await
             }
             Err(_) if caller_bound => status_response(Code::DeadlineExceeded, &format!(
                 "airlock relay: {path} got no answer from the agent for location {:?} within the call's deadline \
@@ -272,13 +262,15 @@ impl Edge {
         Some(live[turn].sender.clone())
     }
 
-    async fn to_fallback(&self, route: &Route, mut request: Request<Body>) -> Response<Body> {
-        let path = request.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
-        match format!("http://{}{path}", route.fallback).parse::<Uri>() {
-            Ok(uri) => *request.uri_mut() = uri,
+    /// The call as it came (its headers, its message) to the Python relay for the location.
+    async fn to_fallback(&self, route: &Route, parts: &http::request::Parts, message: Bytes) -> Response<Body> {
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let mut head = match Request::post(format!("http://{}{path}", route.fallback)).body(()) {
+            Ok(head) => head,
             Err(err) => return status_response(Code::Internal, &format!("airlock relay: bad fallback address: {err}")),
-        }
-        match self.fallback.request(request).await {
+        };
+        *head.headers_mut() = parts.headers.clone();
+        match self.fallback.call(&route.fallback, head, message).await {
             Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
             Err(err) => status_response(Code::Unavailable, &format!(
                 "airlock relay: the control plane's relay for location {:?} is not answering: {err}", route.location)),

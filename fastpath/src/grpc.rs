@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response};
-use http_body_util::{combinators::BoxBody, BodyExt, Empty};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Limited};
+use hyper::body::Incoming;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -49,6 +50,17 @@ fn percent_encode(message: &str) -> String {
         }
     }
     out
+}
+
+/// A request's one message, read whole (up to MAX_MESSAGE_BYTES); the answer to send instead if it cannot be.
+/// Whole, because a request then leaves in one write, and can be sent again on another road.
+pub async fn read_message(body: Incoming, who: &str, path: &str) -> Result<Bytes, Response<Body>> {
+    match Limited::new(body, MAX_MESSAGE_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(status_response(
+            Code::ResourceExhausted, &format!("{who}: {path}: request larger than {MAX_MESSAGE_BYTES} bytes"))),
+        Err(err) => Err(status_response(Code::Internal, &format!("{who}: reading {path}: {err}"))),
+    }
 }
 
 /// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n). None if absent or malformed.

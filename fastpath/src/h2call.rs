@@ -62,7 +62,10 @@ where
 
 /// Send `head` with `message` as its whole body, both queued before the connection writes; wait for the answer.
 pub async fn call(sender: SendRequest<Bytes>, head: Request<()>, message: Bytes) -> Result<Response<RecvBody>, h2::Error> {
-    let mut ready = sender.ready().await?;
+    send(sender.ready().await?, head, message).await
+}
+
+async fn send(mut ready: SendRequest<Bytes>, head: Request<()>, message: Bytes) -> Result<Response<RecvBody>, h2::Error> {
     let (answer, mut stream) = ready.send_request(head, message.is_empty())?;
     if !message.is_empty() {
         stream.reserve_capacity(message.len());
@@ -71,15 +74,34 @@ pub async fn call(sender: SendRequest<Bytes>, head: Request<()>, message: Bytes)
     Ok(answer.await?.map(RecvBody::new))
 }
 
-/// The code servers' connections, one per address, opened on first use and again after one ends.
+/// Connections to plain-HTTP/2 servers on the local network (code servers, the Python relay), one per address,
+/// opened on first use and again when one has ended.
 #[derive(Default)]
 pub struct Pool {
     connections: Mutex<HashMap<String, SendRequest<Bytes>>>,
 }
 
 impl Pool {
+    /// `call` on `address`'s connection. One that ended before this request was sent (a code server replaced
+    /// at the same address) is replaced and the request sent on the new one; once sent, an error is the answer.
+    pub async fn call(&self, address: &str, head: Request<()>, message: Bytes) -> Result<Response<RecvBody>, String> {
+        let ready = match self.sender(address).await?.ready().await {
+            Ok(ready) => ready,
+            Err(_) => {
+                self.forget(address);
+                self.sender(address).await?.ready().await.map_err(|err| err.to_string())?
+            }
+        };
+        send(ready, head, message).await.map_err(|err| {
+            if err.is_io() || err.is_go_away() {
+                self.forget(address);
+            }
+            err.to_string()
+        })
+    }
+
     /// A sender for `address`: the open connection's, or a new connection's.
-    pub async fn sender(&self, address: &str) -> Result<SendRequest<Bytes>, String> {
+    async fn sender(&self, address: &str) -> Result<SendRequest<Bytes>, String> {
         if let Some(sender) = self.connections.lock().unwrap().get(address).cloned() {
             return Ok(sender);
         }
@@ -96,7 +118,7 @@ impl Pool {
     }
 
     /// Drop `address`'s connection (it failed): the next call opens a new one.
-    pub fn forget(&self, address: &str) {
+    fn forget(&self, address: &str) {
         self.connections.lock().unwrap().remove(address);
     }
 }

@@ -348,3 +348,32 @@ def test_the_agent_takes_only_a_well_formed_offer_and_dials_the_gateways_own_hos
     assert tunnel_address("https://[fd00::1]:8443", 8450) == "[fd00::1]:8450"
     with pytest.raises(ValueError):
         tunnel_address("https:///nohost", 8450)
+
+
+def test_a_code_server_replaced_at_the_same_address_answers_the_next_call(fast: FastStack) -> None:
+    """The tunnel end keeps one connection per code server; a new container at the same address (the agent's
+    replacement keeps the name) must not cost a failed call."""
+    from concurrent import futures
+
+    port = free_port()
+
+    def serve() -> grpc.Server:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=OPTIONS)
+        server.add_generic_rpc_handlers([FakeCodeServer()])
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        return server
+
+    first = serve()
+    fast.code_server = f"127.0.0.1:{port}"
+    fast.open_tunnel()
+    fast.wait_up()
+    assert fast.unary(PING.path, b"one") == unary_answer(PING.path, b"one")
+    first.stop(0).wait()
+    second = serve()
+    try:
+        time.sleep(0.2)  # the old connection's end has reached the tunnel end
+        assert fast.unary(PING.path, b"two") == unary_answer(PING.path, b"two")
+        assert fast.python_road() == []
+    finally:
+        second.stop(0)
