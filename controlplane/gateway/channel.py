@@ -100,7 +100,12 @@ class AgentChannel:
         if self._fastpath is not None and self._fastpath.port:
             self._fastpath.ticket(self.id, keys.fastpath, self.agent.deployment, self.queues)
             hello["fastpath"] = {"port": self._fastpath.port}
-        await self.websocket.send_text(json.dumps(hello))
+        try:
+            await self.websocket.send_text(json.dumps(hello))
+        except BaseException:  # the agent went before the channel opened: its tunnel key must not outlive it
+            if self._fastpath is not None:
+                self._fastpath.revoke(self.id)
+            raise
         self._sealer, opener = FrameSealer(keys.down), FrameOpener(keys.up)
         self._store.audit(operation=f"channel {self.id}", accepted=True, key_id=self.caller.key_id,
                           agent_id=self.agent.id, reason=f"opened for queues {','.join(self.queues)}")
