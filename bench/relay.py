@@ -310,8 +310,8 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
             del events[: len(batch)]
             conn.send(batch)
         elif command == "cpu":  # this process and its fast-path child
-            child = tunnel._process if tunnel is not None else None
-            conn.send(time.process_time() + (process_cpu(child.pid) if child is not None else 0.0))
+            pid = tunnel.pid if tunnel is not None else None
+            conn.send(time.process_time() + (process_cpu(pid) if pid is not None else 0.0))
         elif command == "tunnel":
             conn.send(tunnel is not None and tunnel.up.is_set())
         elif command == "rtt":
@@ -653,8 +653,8 @@ class ControlPlane:
 
     def cpu_seconds(self) -> float:
         """This process and the edge."""
-        process = self.edge._process if self.edge is not None else None
-        return time.process_time() + (process_cpu(process.pid) if process is not None else 0.0)
+        pid = self.edge.pid if self.edge is not None else None
+        return time.process_time() + (process_cpu(pid) if pid is not None else 0.0)
 
     def on_loop(self, coro: Any, timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

@@ -49,6 +49,12 @@ class FastPathTunnel:
         self._target: dict[str, Any] | None = None
         self.up = threading.Event()  # set while the tunnel is open (the child says so)
 
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs (benches read its CPU time)."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
     def revive(self) -> None:
         """Start the child again if it was started and has died (the agent calls this every reconcile pass)."""
         if self._process is not None and self._process.poll() is not None:

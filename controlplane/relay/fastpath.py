@@ -72,6 +72,12 @@ class FastPathEdge:
         self.bound_port = 0
 
     @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs (benches read its CPU time)."""
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
+
+    @property
     def port(self) -> int:
         """The tunnel port agents are told to dial (the advertised one, else the one bound)."""
         return self._advertised_port or self.bound_port

@@ -18,7 +18,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::control::{self, emit, parse_key, Command, Event};
@@ -27,7 +26,6 @@ use crate::grpc::{self, status_response, Body, Code};
 use crate::h2call;
 use crate::noise::{self, KEY_BYTES};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const FORWARDED_HEADERS: [&str; 5] = ["content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"];
 
@@ -119,12 +117,10 @@ impl Agent {
 
     /// Dial, authenticate, serve; returns why the tunnel ended.
     async fn serve_tunnel(self: &Arc<Self>, target: &Target) -> String {
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target.address)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => return format!("cannot reach the edge at {}: {err}", target.address),
-            Err(_) => return format!("no answer from the edge at {} within {CONNECT_TIMEOUT:?}", target.address),
+        let stream = match h2call::dial(&target.address).await {
+            Ok(stream) => stream,
+            Err(err) => return format!("cannot reach the edge: {err}"),
         };
-        let _ = stream.set_nodelay(true);
         let stream = match noise::initiate(stream, &target.channel, &target.key).await {
             Ok(stream) => stream,
             Err(err) => return format!("tunnel handshake: {err}"),

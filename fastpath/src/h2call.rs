@@ -25,6 +25,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A TCP connection to `address` with TCP_NODELAY (each call is one small write that must leave at once),
+/// given up after CONNECT_TIMEOUT.
+pub async fn dial(address: &str) -> Result<TcpStream, String> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(err)) => Err(format!("cannot connect to {address}: {err}")),
+        Err(_) => Err(format!("no answer from {address} within {CONNECT_TIMEOUT:?}")),
+    }
+}
+
 /// Start an HTTP/2 client connection over `io`; the connection runs in its own task (with keepalive pings when
 /// `keepalive`) and the returned handle ends when it does.
 pub async fn connect<T>(io: T, keepalive: bool) -> Result<(SendRequest<Bytes>, tokio::task::JoinHandle<Result<(), String>>), String>
@@ -105,13 +118,7 @@ impl Pool {
         if let Some(sender) = self.connections.lock().unwrap().get(address).cloned() {
             return Ok(sender);
         }
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(err)) => return Err(format!("cannot connect: {err}")),
-            Err(_) => return Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, running) = connect(stream, false).await?;
+        let (sender, running) = connect(dial(address).await?, false).await?;
         self.connections.lock().unwrap().insert(address.to_owned(), sender.clone());
         drop(running); // the task goes on; a dead connection shows as an error on the next call
         Ok(sender)
