@@ -24,7 +24,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from appliance.policy.errors import PolicyError
 from controlplane.db import create_engine
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
@@ -32,6 +31,7 @@ from controlplane.registry import DEFAULT_PORT_RANGE, DEFAULT_QUEUE, LocationRec
 from controlplane.settings import ControlPlaneSettings
 from controlplane.tls import create_tls, fingerprint, tls_files
 from controlplane.workspace import DEFAULT_RELAY_HOST, WorkspaceReloadError, reload, render_workspace, write_workspace
+from protocol.errors import PolicyError, UsageError
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -99,7 +99,7 @@ def cmd_agent_list(ctx: _Context) -> int:
 
 def cmd_agent_revoke(ctx: _Context) -> int:
     if not ctx.store.revoke(ctx.args.agent_id):
-        raise PolicyError("agent revoke", "agent_id", f"no agent {ctx.args.agent_id!r} (see `airlock-cp agent list`)")
+        raise UsageError("agent revoke", f"no agent {ctx.args.agent_id!r} (see `airlock-cp agent list`)")
     ctx.store.audit(operation="agent revoke", accepted=True, reason="revoked by operator", agent_id=ctx.args.agent_id)
     print(f"revoked {ctx.args.agent_id}")
     return 0
@@ -194,7 +194,7 @@ def _after_change(ctx: _Context) -> int:
 
 def _reload(ctx: _Context) -> int:
     if not ctx.args.webserver_url:
-        raise PolicyError("workspace render", "webserver_url", "--reload needs --webserver-url (or its env var)")
+        raise UsageError("workspace render", "--reload needs --webserver-url (or its env var)")
     try:
         loads = reload(ctx.args.webserver_url)
     except WorkspaceReloadError as exc:
@@ -216,10 +216,10 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
     files = tls_files(args.out)
     present = [p.name for p in (files.ca_cert, files.cert, files.key) if p.exists()]
     if present and not args.force:
-        raise PolicyError("tls init", "out", f"{args.out} already holds {', '.join(present)}; --force replaces them "
+        raise UsageError("tls init", f"{args.out} already holds {', '.join(present)}; --force replaces them "
                           "(every appliance then needs the new ca.pem)")
     if not args.hostnames:
-        raise PolicyError("tls init", "hostnames", "give the names appliances reach the gateway by, e.g. "
+        raise UsageError("tls init", "give the names appliances reach the gateway by, e.g. "
                           "--hostnames cp.example.internal,10.0.0.5 (or AIRLOCK_CP_TLS_HOSTNAMES)")
     create_tls(args.out, list(args.hostnames), days=args.days)
     print(f"CA certificate:      {files.ca_cert}  <- give this file to every appliance (AIRLOCK_CA_FILE)")
@@ -239,7 +239,8 @@ def _hostnames(text: str) -> tuple[str, ...]:
 # -- parser -----------------------------------------------------------------------------------------------
 def _location_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
     p.add_argument("name")
-    p.add_argument("--image", required=adding, help="pinned by digest: repo@sha256:<64 hex>")
+    p.add_argument("--image", required=adding, help="pinned: 'sha256:<image id>' for an image on the appliance's host "
+                   "(docker inspect --format '{{.Id}}' IMAGE), or 'repository@sha256:<digest>' for a registry image")
     target = p.add_mutually_exclusive_group(required=adding)
     target.add_argument("--module")
     target.add_argument("--package")
@@ -332,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.offline(args))
         ctx = _Context(args)
         return int(args.func(ctx))
-    except PolicyError as exc:
+    except (PolicyError, UsageError) as exc:
         print(f"airlock-cp: error: {exc}", file=sys.stderr)
         return 2
     except sa.exc.SQLAlchemyError as exc:

@@ -3,8 +3,9 @@
 One table on the gateway's database. Each accepted change commits, then sends one RECONCILE_LOCATIONS item per
 affected (deployment, agent queue) with that queue's *whole* desired set, read after the commit: agents never
 merge deltas, and a lost item (or two racing writers' snapshots queued out of order) is healed by the next.
-Specs are checked with the appliance's own `Fields` and rules, so errors read as the appliance's would, before
-anything reaches an agent; resource bounds are the appliance's policy and are enforced there.
+Specs are checked with the rules both sides share (protocol.locations.parse_location), so errors read as the
+appliance's would, before anything reaches an agent; resource bounds are the appliance's policy and are enforced
+there.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from appliance.policy import loader as appliance_rules  # the same name, env and egress rules as the appliance
-from appliance.policy.errors import PolicyError
-from appliance.policy.fields import Fields
 from controlplane.gateway.queue import WorkQueue
+from protocol.errors import PolicyError
+from protocol.fields import Fields, yaml_fields
+from protocol.locations import parse_location
 from protocol.work import WorkKind
 
 __all__ = ["ApplyResult", "LocationRecord", "LocationSpec", "Registry", "RegistryError", "metadata",
@@ -99,46 +100,36 @@ class ApplyResult:
 
 def parse_spec(f: Fields) -> LocationSpec:
     """Validate one location mapping, e.g. `parse_spec(Fields("location add", entry))`; errors name the field."""
-    name = f.str("name", pattern=appliance_rules.LOCATION_NAME)
-    image = f.str("image")
-    if not _PINNED.fullmatch(image):
-        if "@" in image or image.startswith("sha256:"):
-            raise f.error("image", f"{image!r} has a malformed digest: expected '@sha256:' and 64 lowercase hex digits")
-        repo = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
-        raise f.error("image", f"{image!r} is not pinned by digest (a tag can move); use '{repo}@sha256:<digest>' "
-                               f"— `docker inspect --format '{{{{index .RepoDigests 0}}}}' {image}` prints it")
-    module = f.str("module", None, pattern=appliance_rules._PYTHON_NAME)
-    package = f.str("package", None, pattern=appliance_rules._PYTHON_NAME)
-    if (module is None) == (package is None):
-        raise f.error("module", "give exactly one of 'module' or 'package'")
-    env = f.str_map("env", {})
-    for key in env:
-        if not re.fullmatch(appliance_rules._ENV_NAME, key):
-            raise f.error(f"env.{key}", "not a valid environment variable name")
-        if key in appliance_rules._RESERVED_ENV or key.startswith(appliance_rules._FORBIDDEN_ENV_PREFIXES):
-            raise f.error(f"env.{key}", "is reserved: the launcher sets it, or it would cross the trust boundary")
-    r = f.child("resources", {})  # absent keys mean the appliance's defaults; its bounds are checked there
-    readers = {"memory": r.size, "cpus": lambda k: r.number(k, minimum=0), "pids": lambda k: r.int(k, minimum=8)}
-    resources = tuple(sorted((k, read(k)) for k, read in readers.items() if r.raw(k, None) is not None))
-    r.done()
-    e = f.child("egress", {})
-    hosts = []
-    for i, item in enumerate(e.str_list("allow", [])):
-        m = appliance_rules._HOSTPORT.match(item.lower())
-        if not m or (m.group(3) != "*" and not 0 < int(m.group(3)) < 65536):
-            raise e.error(f"allow[{i}]", f"{item!r} is not 'host:port' (a '*.' prefix and port '*' are allowed)")
-        hosts.append(item.lower())
-    cidrs = tuple(str(c) for c in e.cidrs("allow_cidrs", []))
-    e.done()
     queue = f.str("queue", DEFAULT_QUEUE, pattern=r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-    f.done()
-    return LocationSpec(name=name, image=image, module=module, package=package, env=tuple(sorted(env.items())),
-                        resources=resources, egress_allow=tuple(hosts), egress_cidrs=cidrs, queue=queue)
+    request = parse_location(f)
+    _check_pinned(f, request.image)
+    return LocationSpec(name=request.name, image=request.image, module=request.module, package=request.package,
+                        env=request.env, resources=request.resources,
+                        egress_allow=tuple(str(h) for h in request.egress_hosts),
+                        egress_cidrs=tuple(str(c) for c in request.egress_cidrs), queue=queue)
+
+
+def _check_pinned(f: Fields, image: str) -> None:
+    """The control plane names images by digest only: a tag can move between the add and the launch."""
+    if _PINNED.fullmatch(image):
+        return
+    if "@" in image or image.startswith("sha256:"):
+        raise f.error("image", f"{image!r} has a malformed digest: expected '@sha256:' and 64 lowercase hex digits")
+    repo = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
+    raise f.error("image", f"{image!r} is not pinned by digest (a tag can move). For an image built or loaded on "
+                           f"the appliance's host use its id, 'sha256:<id>' (`docker inspect --format "
+                           f"'{{{{.Id}}}}' {image}` prints it); for an image in a registry use "
+                           f"'{repo}@sha256:<digest>' (`docker inspect --format '{{{{index .RepoDigests 0}}}}' "
+                           f"{image}` prints it once the image was pushed or pulled)")
 
 
 def parse_locations_file(path: str | Path) -> tuple[LocationSpec, ...]:
     """Read a whole desired set (`version: 1`, `locations: [...]`); a bad file raises before anything changes."""
-    f = appliance_rules.read_yaml(Path(path))
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise PolicyError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
+    f = yaml_fields(text, str(path))
     specs: dict[str, LocationSpec] = {}
     for entry in f.children("locations"):
         spec = parse_spec(entry)

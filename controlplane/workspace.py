@@ -32,6 +32,7 @@ import httpx
 import yaml
 
 from controlplane.registry import LocationRecord
+from protocol.errors import TemporaryError
 
 __all__ = ["RELOAD_WORKSPACE_MUTATION", "LocationLoad", "WorkspaceReloadError", "reload", "render_workspace",
            "write_workspace"]
@@ -59,7 +60,7 @@ mutation AirlockReloadWorkspace {
 """
 
 
-class WorkspaceReloadError(Exception):
+class WorkspaceReloadError(TemporaryError):
     """The webserver could not be asked, or refused, to reload the workspace (the message says which)."""
 
 

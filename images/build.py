@@ -108,7 +108,6 @@ IMAGES: dict[str, ImageSpec] = {
             copy={
                 "controlplane": "src/controlplane",
                 "protocol": "src/protocol",
-                "appliance": "src/appliance",  # the policy field readers only; nothing here talks to Docker
                 "images/controlplane": "images/controlplane",
                 "images/ensure-python.sh": "images/ensure-python.sh",
                 "images/install-venv.sh": "images/install-venv.sh",

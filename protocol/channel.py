@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from protocol.dagster_grpc import MAX_MESSAGE_BYTES
-from protocol.errors import SignatureError
+from protocol.errors import PermanentError, SignatureError
 from protocol.keys import SigningKey, key_id_of, verify_bytes
 
 __all__ = [
@@ -70,7 +70,7 @@ MAX_FRAME_BYTES = MAX_MESSAGE_BYTES * 4 // 3 + 4 * 1024 * 1024
 _INFO = b"airlock-channel-v1 keys"
 
 
-class ChannelError(Exception):
+class ChannelError(PermanentError):
     """The channel cannot go on: a failed handshake or a frame that does not authenticate or parse."""
 
 

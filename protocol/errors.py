@@ -1,8 +1,12 @@
 """The airlock error tree: every failure airlock itself reports is one of these, so callers catch at any level.
 
 ```
-AirlockError                      anything airlock refuses or cannot do, with a message a human can act on
-└── SignatureError(reason, msg)   a key, a detached signature or an RFC 9421 request signature was refused
+AirlockError                          anything airlock refuses or cannot do, with a message a human can act on
+├── TemporaryError                    may succeed later unchanged: retry with backoff (agent/backoff.py)
+└── PermanentError                    will fail again as given: stop, and say why
+    ├── PolicyError(file, field, msg) a policy file, location spec or deploy file is invalid; nothing loaded
+    ├── UsageError(command, msg)      a command was called wrongly (a missing flag, an unknown agent id)
+    └── SignatureError(reason, msg)   a key, a detached signature or an RFC 9421 request signature was refused
 ```
 
 Foreign exceptions (cryptography, http-message-signatures, OS errors around key files) are mapped into this
@@ -50,7 +54,39 @@ class AirlockError(Exception):
     """Root of everything airlock raises on purpose; `str()` is the human message."""
 
 
-class SignatureError(AirlockError):
+class TemporaryError(AirlockError):
+    """The same call may succeed later (an engine, a network or a peer that did not answer): retry with backoff."""
+
+
+class PermanentError(AirlockError):
+    """The same call will fail again as given (refused, invalid, unknown): do not retry; report the reason."""
+
+
+class PolicyError(PermanentError, ValueError):
+    """A policy file, location spec or deploy file is invalid; nothing from it was loaded.
+
+    ``str()`` reads ``file: field.path: problem`` so an operator can go straight to the line. It stays a
+    ValueError too: it is one, and callers that validate input catch it as such.
+    """
+
+    def __init__(self, file: str, field_path: str, message: str) -> None:
+        self.file = file
+        self.field_path = field_path
+        self.message = message
+        where = f"{file}: {field_path}" if field_path else file
+        super().__init__(f"{where}: {message}")
+
+
+class UsageError(PermanentError):
+    """A CLI command was misused: `str()` reads ``command: problem``; nothing was changed."""
+
+    def __init__(self, command: str, message: str) -> None:
+        self.command = command
+        self.message = message
+        super().__init__(f"{command}: {message}")
+
+
+class SignatureError(PermanentError):
     """A signature, key or signed request was refused; `reason` is a fixed code from SIGNATURE_REASONS.
 
     The reason is validated so a typo cannot invent a code the gateway's status mapping does not know.

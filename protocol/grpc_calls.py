@@ -26,6 +26,7 @@ from enum import StrEnum
 from typing import Any
 
 from protocol.dagster_grpc import SERVICE
+from protocol.errors import PermanentError
 
 __all__ = [
     "BY_PATH",
@@ -126,7 +127,7 @@ def lookup(path: str) -> GrpcMethod | None:
     return BY_PATH.get(path)
 
 
-class GrpcCallError(ValueError):
+class GrpcCallError(PermanentError, ValueError):
     """A GRPC_CALL payload or result that does not have the documented shape."""
 
 

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 from typing import Literal
 
+from protocol.errors import PermanentError
+
 __all__ = ["CALLS", "CodecError", "Mode", "StorageCallRefused", "call_mode"]
 
 Mode = Literal["write", "call"]
 
 
-class StorageCallRefused(Exception):
+class StorageCallRefused(PermanentError):
     """A storage call that is not on the allowlist, outside the caller's scope, or failed on the far side."""
 
 
-class CodecError(ValueError):
+class CodecError(PermanentError, ValueError):
     """A value that cannot cross the boundary (or text that is not one protocol/storage_codec wrote)."""
 
 

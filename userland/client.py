@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from protocol.errors import TemporaryError
 from protocol.limits import record_too_large
 from protocol.storage_calls import StorageCallRefused, call_mode
 from protocol.storage_codec import decode, encode
@@ -39,7 +40,7 @@ URL_ENV = "AIRLOCK_METADATA_URL"
 Send = Callable[[str, dict[str, Any]], dict[str, Any]]  # (path, JSON body) -> JSON answer
 
 
-class RelayUnavailable(RuntimeError):
+class RelayUnavailable(TemporaryError, RuntimeError):
     """The relay could not be reached or kept refusing for longer than the retry budget."""
 
 
@@ -167,7 +168,7 @@ class RelayClient:
             delay = min(delay * 2, 2.0)
 
 
-class RelayBusy(OSError):
+class RelayBusy(TemporaryError, OSError):
     """The relay answered 503 (spool full, control plane catching up); retry after a pause."""
 
 

@@ -35,7 +35,7 @@ from protocol.channel import (
     decode_body,
     encode_body,
 )
-from protocol.errors import SignatureError
+from protocol.errors import SignatureError, TemporaryError
 from protocol.signing import sign_request
 from protocol.work import SignedWork, WorkKind
 
@@ -45,7 +45,7 @@ log = logging.getLogger("airlock.agent.channel")
 UNSIGNED_KINDS = frozenset({WorkKind.GRPC_CALL})
 
 
-class ChannelClosed(Exception):
+class ChannelClosed(TemporaryError):
     """The channel ended (the gateway went away, closed it, or sent a frame that failed)."""
 
 

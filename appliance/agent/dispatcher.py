@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from protocol.errors import AirlockError
 from protocol.work import SignedWork, WorkKind, failed_result, ok_result
 
 log = logging.getLogger("airlock.agent.dispatch")
@@ -16,7 +17,7 @@ Handler = Callable[[SignedWork], dict[str, Any]]
 Starter = Callable[[SignedWork, Callable[[dict[str, Any]], None]], bool]
 
 
-class HandlerError(Exception):
+class HandlerError(AirlockError):
     """The work was understood but failed; the message goes back to the control plane."""
 
 

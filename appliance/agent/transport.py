@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.agent import operations
-from protocol.errors import SignatureError
+from protocol.errors import AirlockError, SignatureError
 from protocol.keys import rotation_message
 from protocol.signing import (
     ENROLL_KEY_HEADER,
@@ -34,7 +34,7 @@ from protocol.work import SignedWork, WorkKind, work_signing_bytes
 log = logging.getLogger("airlock.agent.transport")
 
 
-class GatewayError(RuntimeError):
+class GatewayError(AirlockError, RuntimeError):
     """The gateway refused a request (4xx with its message) or answered with GraphQL errors."""
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from protocol.errors import PermanentError
 
-class BundleError(Exception):
+
+class BundleError(PermanentError):
     """A bundle was refused (or could not be written); when raised before loading, nothing was loaded.
 
     ``what`` is a fixed word for tests and logs (signature, manifest, digest, size, member, load, allowlist,

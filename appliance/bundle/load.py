@@ -20,8 +20,8 @@ from appliance.bundle.errors import BundleError
 from appliance.bundle.manifest import ImageEntry
 from appliance.bundle.progress import Progress
 from appliance.bundle.verify import Verified, check_digest
-from appliance.policy.errors import PolicyError
 from appliance.policy.imported import ImportedImage, check_writable, write_imported
+from protocol.errors import PolicyError
 
 
 @dataclass(frozen=True)

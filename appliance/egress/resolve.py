@@ -14,13 +14,15 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
+from protocol.errors import AirlockError
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # (host, port) -> address strings, in preference order. Injected in tests; the default asks the OS.
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
-class ResolutionError(Exception):
+class ResolutionError(AirlockError):
     """The name did not resolve to any usable address; the request is refused."""
 
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from appliance.egress import log_event
 from appliance.egress.resolve import Address, IPNetwork, unwrap
-from appliance.policy import HostPort, PolicyError
-from appliance.policy.fields import Fields
+from appliance.policy import HostPort
+from protocol.errors import PolicyError
+from protocol.fields import SUPPORTED_VERSION, Fields
 
-# The same host:port grammar locations.yaml uses, so an entry means the same thing in both files.
-from appliance.policy.loader import _HOSTPORT, LOCATION_NAME
+# The same name and host:port grammar locations.yaml uses, so an entry means the same thing in both files.
+from protocol.locations import LOCATION_NAME, parse_host_port
 
-SUPPORTED_VERSION = 1
 MAX_BYTES = 1024 * 1024
 
 
@@ -85,13 +85,7 @@ def _route(f: Fields) -> Route:
     cidrs = f.cidrs("cidrs")
     if not cidrs:
         raise f.error("cidrs", "must list at least one source subnet")
-    allow = []
-    for i, item in enumerate(f.str_list("allow", [])):
-        m = _HOSTPORT.match(item.lower())
-        port = None if m is None or m.group(3) == "*" else int(m.group(3))
-        if m is None or (port is not None and not 0 < port < 65536):
-            raise f.error(f"allow[{i}]", f"{item!r} is not 'host:port' (a '*.' prefix and port '*' are allowed)")
-        allow.append(HostPort(host=(m.group(1) or "") + m.group(2), port=port))
+    allow = [parse_host_port(f, f"allow[{i}]", item) for i, item in enumerate(f.str_list("allow", []))]
     allow_cidrs = f.cidrs("allow_cidrs", [])
     f.done()
     return Route(location=location, cidrs=cidrs, allow=tuple(allow), allow_cidrs=allow_cidrs)

@@ -26,6 +26,7 @@ from appliance.egress.decide import Decision, decide
 from appliance.egress.resolve import Resolver, parse_ip, system_resolver
 from appliance.egress.routes import RoutesFile
 from appliance.policy import EgressPolicy
+from protocol.errors import PermanentError
 
 HEAD_LIMIT = 16 * 1024
 HEAD_TIMEOUT = 30.0
@@ -39,7 +40,7 @@ _AUTHORITY = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\[\]:@/\s]+))(?::(\d{1,5}))
 Opener = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
-class BadRequest(Exception):
+class BadRequest(PermanentError):
     """Not a request this proxy serves; answered 400 with the message as the reason."""
 
 

@@ -16,12 +16,13 @@ from docker.models.networks import Network
 
 from appliance import labels
 from appliance.launcher.spec import EGRESS_ALIAS, METADATA_ALIAS, ContainerSpec
+from protocol.errors import AirlockError
 
 log = logging.getLogger("airlock.launcher")
 NETWORK_OPTIONS = {"com.docker.network.bridge.inhibit_ipv4": "true"}
 
 
-class LauncherError(RuntimeError):
+class LauncherError(AirlockError, RuntimeError):
     """A Docker operation failed; the message says which and why."""
 
 

@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from appliance.metadata.spool import Spool, SpoolFull
 from appliance.metadata.tokens import RunScope, RunTokens, TokenRefused
+from protocol.errors import PermanentError
 from protocol.limits import MAX_RECORD_BYTES, record_too_large
 from protocol.storage_calls import CALLS
 
@@ -41,7 +42,7 @@ MAX_WRITES = 10_000  # records in one write request (userland sends at most 1,00
 EXIT_METHOD = "airlock.run_exited"  # only the agent's control socket can spool this one
 
 
-class RecordTooLarge(ValueError):
+class RecordTooLarge(PermanentError, ValueError):
     """A record that would not fit in one request to the control plane (protocol/limits.py)."""
 
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.errors import TemporaryError
+
 __all__ = ["Spool", "SpoolFull", "SpooledBatch"]
 
 
-class SpoolFull(RuntimeError):
+class SpoolFull(TemporaryError, RuntimeError):
     """The spool holds max_bytes of unforwarded writes; try again when the control plane has caught up."""
 
 

@@ -20,6 +20,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.errors import PermanentError
+
 __all__ = ["LOCATION_WIDE", "RunScope", "RunTokens", "TokenRefused"]
 
 KEY_FILE = "run-token.key"
@@ -27,7 +29,7 @@ LOCATION_WIDE = "*"  # the run id of a location token: no run, reads only
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # no dots: they separate the token's parts
 
 
-class TokenRefused(PermissionError):
+class TokenRefused(PermanentError, PermissionError):
     """No token, a malformed or forged one, or one whose run has ended."""
 
 

@@ -1,6 +1,5 @@
 """Policy as data: versioned YAML files -> validated, immutable model. See policy/*.yaml."""
 
-from appliance.policy.errors import PolicyError
 from appliance.policy.loader import canonical_seccomp, load_locations, load_policy, locations_from_data
 from appliance.policy.model import (
     Bounds,
@@ -13,6 +12,7 @@ from appliance.policy.model import (
     Location,
     Policy,
 )
+from protocol.errors import PolicyError
 
 __all__ = [
     "Bounds",

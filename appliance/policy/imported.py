@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from appliance.policy.errors import PolicyError
-from appliance.policy.loader import SUPPORTED_VERSION, read_yaml
+from appliance.policy.files import read_yaml
+from protocol.errors import PolicyError
+from protocol.fields import SUPPORTED_VERSION
 
 IMPORTED_FILE = "images-imported.yaml"
 DIGEST = r"sha256:[0-9a-f]{64}"

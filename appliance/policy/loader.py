@@ -12,51 +12,26 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from appliance.policy.errors import PolicyError
-from appliance.policy.fields import Fields
+from appliance.policy.files import read_yaml
+from appliance.policy.imported import IMPORTED_FILE, read_imported
 from appliance.policy.model import (
     Bounds,
     EgressAllow,
     EgressPolicy,
     Hardening,
-    HostPort,
     ImagePolicy,
     Limits,
     Location,
     Policy,
 )
+from protocol.errors import PolicyError
+from protocol.fields import SUPPORTED_VERSION, Fields, check_version
+from protocol.locations import LOCATION_NAME, parse_location
 
-SUPPORTED_VERSION = 1
-LOCATION_NAME = r"[a-z0-9][a-z0-9_-]{0,40}"
+__all__ = ["LOCATION_NAME", "SUPPORTED_VERSION", "canonical_seccomp", "limits_problem", "load_locations", "load_policy",
+           "locations_from_data", "locations_from_fields", "read_yaml"]
+
 _USER = re.compile(r"^(\d+)(?::(\d+))?$")
-_HOSTPORT = re.compile(r"^(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*|\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5}|\*)$")
-_PYTHON_NAME = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
-_ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-# Env names the launcher sets itself; a location must not override them.
-_RESERVED_ENV = {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "DAGSTER_HOME"}
-# A location may not hand its code these: they would smuggle credentials or loosen the sandbox.
-_FORBIDDEN_ENV_PREFIXES = ("AIRLOCK_", "DOCKER_")
-
-
-def read_yaml(path: Path) -> Fields:
-    file = str(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PolicyError(file, "", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PolicyError(file, where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    fields = Fields(file, data if data is not None else {})
-    version = fields.raw("version", required=True)
-    if version != SUPPORTED_VERSION:
-        raise fields.error("version", f"unsupported version {version!r}; this airlock reads {SUPPORTED_VERSION}")
-    return fields
 
 
 def load_policy(directory: str | os.PathLike[str]) -> Policy:
@@ -189,8 +164,6 @@ def _load_images(path: Path) -> ImagePolicy:
             names.append(entry.str("name", pattern=r"[a-z0-9][a-z0-9._/*-]*"))
         entry.done()
     f.done()
-    from appliance.policy.imported import IMPORTED_FILE, read_imported  # it reads files with read_yaml
-
     digests.extend(image.digest for image in read_imported(path.parent / IMPORTED_FILE))
     return ImagePolicy(allow_pull=allow_pull, names=tuple(names), digests=tuple(digests))
 
@@ -216,8 +189,7 @@ def load_locations(path: str | os.PathLike[str], policy: Policy) -> tuple[Locati
 def locations_from_data(data: Any, policy: Policy, *, source: str) -> tuple[Location, ...]:
     """The same checks for a desired set that arrives as data (from the control plane), named by `source`."""
     fields = Fields(source, data)
-    if fields.raw("version", required=True) != SUPPORTED_VERSION:
-        raise fields.error("version", f"unsupported version; this airlock reads {SUPPORTED_VERSION}")
+    check_version(fields)
     return locations_from_fields(fields, policy)
 
 
@@ -235,45 +207,25 @@ def locations_from_fields(f: Fields, policy: Policy) -> tuple[Location, ...]:
 
 
 def _location(f: Fields, policy: Policy) -> Location:
-    name = f.str("name", pattern=LOCATION_NAME)
-    image = f.str("image", pattern=r"[A-Za-z0-9][A-Za-z0-9._/:@-]*")
-    module = f.str("module", None, pattern=_PYTHON_NAME)
-    package = f.str("package", None, pattern=_PYTHON_NAME)
-    if (module is None) == (package is None):
-        raise f.error("module", "give exactly one of 'module' or 'package'")
-    env = f.str_map("env", {})
-    for key in env:
-        if not re.fullmatch(_ENV_NAME, key):
-            raise f.error(f"env.{key}", "not a valid environment variable name")
-        if key in _RESERVED_ENV or key.startswith(_FORBIDDEN_ENV_PREFIXES):
-            raise f.error(f"env.{key}", "is reserved: the launcher sets it, or it would cross the trust boundary")
-    limits = _limits(f.child("resources", {}), base=policy.hardening.limits)
+    """The shared spec rules (protocol.locations), then this appliance's bounds on limits and runtime."""
+    runtime = f.str("runtime", policy.hardening.runtime)
+    request = parse_location(f)
+    r = request.resource_map
+    limits = Limits(memory=int(r.get("memory", policy.hardening.limits.memory)),
+                    cpus=float(r.get("cpus", policy.hardening.limits.cpus)),
+                    pids=int(r.get("pids", policy.hardening.limits.pids)))
     problem = limits_problem(limits, policy.bounds)
     if problem:
         raise f.error(f"resources.{problem[0]}", problem[1] + " — a location may only loosen within bounds")
-    runtime = f.str("runtime", policy.hardening.runtime)
     if runtime not in policy.bounds.runtimes:
         raise f.error("runtime", f"{runtime!r} is not allowed; bounds.runtimes is {list(policy.bounds.runtimes)}")
-    e = f.child("egress", {})
-    hosts = []
-    for i, item in enumerate(e.str_list("allow", [])):
-        m = _HOSTPORT.match(item.lower())
-        if not m:
-            raise e.error(f"allow[{i}]", f"{item!r} is not 'host:port' (a '*.' prefix and port '*' are allowed)")
-        port = None if m.group(3) == "*" else int(m.group(3))
-        if port is not None and not 0 < port < 65536:
-            raise e.error(f"allow[{i}]", f"port {port} is out of range")
-        hosts.append(HostPort(host=(m.group(1) or "") + m.group(2), port=port))
-    cidrs = e.cidrs("allow_cidrs", [])
-    e.done()
-    f.done()
     return Location(
-        name=name,
-        image=image,
-        module=module,
-        package=package,
-        env=tuple(sorted(env.items())),
+        name=request.name,
+        image=request.image,
+        module=request.module,
+        package=request.package,
+        env=request.env,
         limits=limits,
-        egress=EgressAllow(hosts=tuple(hosts), cidrs=cidrs),
+        egress=EgressAllow(hosts=request.egress_hosts, cidrs=request.egress_cidrs),
         runtime=runtime,
     )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 from dataclasses import dataclass, field
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from protocol.locations import HostPort, IPNetwork
+
+__all__ = ["Bounds", "EgressAllow", "EgressPolicy", "Hardening", "HostPort", "ImagePolicy", "Limits", "Location",
+           "Policy"]
 
 
 @dataclass(frozen=True)
@@ -87,25 +89,6 @@ class Policy:
     images: ImagePolicy
     egress: EgressPolicy
     directory: str = field(default="", compare=False)
-
-
-@dataclass(frozen=True)
-class HostPort:
-    """One egress allowlist entry: a host (or ``*.suffix`` glob) and a port (``*`` for any)."""
-
-    host: str
-    port: int | None
-
-    def matches(self, host: str, port: int) -> bool:
-        host = host.lower().rstrip(".")
-        if self.port is not None and port != self.port:
-            return False
-        if self.host.startswith("*."):
-            return host.endswith(self.host[1:])
-        return host == self.host
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port if self.port is not None else '*'}"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from appliance.policy.loader import read_yaml
+from appliance.policy.files import read_yaml
 
 # {id}: a container or network id or name; {name}: an image reference (may hold '/', ':' and '@').
 _PLACEHOLDERS = {"{id}": r"(?P<id>[A-Za-z0-9][A-Za-z0-9_.-]*)", "{name}": r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.:/@-]*)"}

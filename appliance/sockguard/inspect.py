@@ -17,12 +17,14 @@ from urllib.parse import parse_qsl, unquote, urlencode
 
 import h11
 
+from protocol.errors import PermanentError
+
 MAX_BODY = 1 << 20  # bigger create bodies are not something the agent sends: refuse with 413
 _VERSION = re.compile(r"^/v(\d+)\.(\d+)(?=/|$)")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9/_.:@+-]*$")
 
 
-class Refusal(Exception):
+class Refusal(PermanentError):
     """A request sockguard will not forward: the rule that refused it, why, and the HTTP status."""
 
     def __init__(self, rule: str, reason: str, status: int = 403) -> None:

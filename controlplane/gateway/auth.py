@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from controlplane.gateway.documents import parse_cached
 from controlplane.gateway.store import AgentRecord, AgentStore
 from protocol.channel import CHANNEL_PATH
-from protocol.errors import SignatureError
+from protocol.errors import PermanentError, SignatureError
 from protocol.limits import AGENT_MAX_BODY, DEFAULT_MAX_BODY
 from protocol.signing import ENROLL_KEY_HEADER, NonceCache, RequestVerifier, Verified, key_id_of, load_public_key
 
@@ -50,7 +50,7 @@ class Caller:
     body: dict[str, Any]
 
 
-class Refused(Exception):
+class Refused(PermanentError):
     def __init__(self, status: int, code: str, message: str, key_id: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.key_id = status, code, message, key_id

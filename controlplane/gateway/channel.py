@@ -35,6 +35,7 @@ from protocol.channel import (
     encode_body,
     gateway_hello,
 )
+from protocol.errors import TemporaryError
 from protocol.signing import SigningKey
 from protocol.work import read_result, sign_work
 
@@ -45,7 +46,7 @@ MAX_CLAIM = 64  # durable items per claim, as claimWork's MAX_BATCH
 AGENT_RECHECK = 10.0  # seconds between checks that the channel's key is still active
 
 
-class ChannelLost(Exception):
+class ChannelLost(TemporaryError):
     """The channel closed before the agent answered a direct call."""
 
 

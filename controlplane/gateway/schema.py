@@ -9,11 +9,13 @@ from typing import Any
 
 import graphql
 
+from protocol.errors import PermanentError
+
 SDL_PATH = Path(__file__).resolve().parents[2] / "protocol" / "schema.graphql"
 Resolvers = dict[str, dict[str, Callable[..., Any]]]  # {"Query": {"agent": fn}, "Mutation": {...}}
 
 
-class SchemaFileError(Exception):
+class SchemaFileError(PermanentError):
     """protocol/schema.graphql does not parse, or resolvers and SDL disagree; names the file."""
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from protocol.errors import PermanentError
+
 metadata = sa.MetaData()
 
 enrollment_tokens = sa.Table(
@@ -88,11 +90,11 @@ class AuditEntry:
     reason: str
 
 
-class EnrollmentError(Exception):
+class EnrollmentError(PermanentError):
     """The enrollment token is unknown, used or expired (the message says which)."""
 
 
-class RotationError(Exception):
+class RotationError(PermanentError):
     """A key rotation that cannot be applied (the message says why); nothing was changed."""
 
 

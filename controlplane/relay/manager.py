@@ -20,12 +20,13 @@ from controlplane.relay.calls import ChannelCalls
 from controlplane.relay.fastpath import FastPathEdge
 from controlplane.relay.scrub import scrub_instance_ref
 from controlplane.relay.server import CallQueue, RelayServer, WorkQueueCalls
+from protocol.errors import TemporaryError
 
 log = logging.getLogger("airlock.relay")
 SYNC_SECONDS = 2.0
 
 
-class NoAgent(RuntimeError):
+class NoAgent(TemporaryError, RuntimeError):
     """No live agent serves this location's queue: answer UNAVAILABLE now instead of waiting a minute."""
 
 

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from protocol.dagster_grpc import SERVICE, decode_echo, encode_echo
+from protocol.errors import PermanentError
 
 # Dagster's client calls the unary Sync* forms first (the streaming ones only as a fallback on UNIMPLEMENTED);
 # both take the same request message.
@@ -27,7 +28,7 @@ CARRIES_INSTANCE_REF = frozenset(f"/{SERVICE}/{name}" for name in (
 ))
 
 
-class ScrubError(ValueError):
+class ScrubError(PermanentError, ValueError):
     """The request's arguments could not be decoded; it is refused rather than relayed with the ref."""
 
 

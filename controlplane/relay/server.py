@@ -40,6 +40,7 @@ import grpc
 
 from controlplane.gateway.queue import DONE, EXPIRED, WorkQueue
 from protocol.dagster_grpc import MAX_MESSAGE_BYTES, SERVICE
+from protocol.errors import AirlockError
 from protocol.grpc_calls import METHODS, Arity, GrpcCall, GrpcCallError, GrpcMethod, GrpcResult
 from protocol.work import WorkKind
 
@@ -121,7 +122,7 @@ def plan_wait(time_remaining: float | None, limits: RelayLimits) -> tuple[float,
     return limits.max_wait, False
 
 
-class _Abort(Exception):
+class _Abort(AirlockError):
     """The relay's own verdict on a call; the handler turns it into the gRPC status."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:

@@ -13,7 +13,6 @@ import sqlalchemy as sa
 import yaml
 
 from appliance.policy import PolicyError, load_policy
-from appliance.policy.fields import Fields
 from appliance.policy.loader import _location
 from controlplane.cli import main
 from controlplane.gateway.queue import WorkQueue
@@ -26,6 +25,7 @@ from controlplane.workspace import (
     render_workspace,
     write_workspace,
 )
+from protocol.fields import Fields
 from protocol.work import WorkKind
 
 REPO = Path(__file__).resolve().parents[2]
@@ -415,7 +415,7 @@ def test_cli_token_create_prints_a_token_the_store_accepts(cli: str, capsys: pyt
     assert agent.id in listed and "key-1 (current)" in listed and "default" in listed
     assert main(["agent", "revoke", agent.id]) == 0
     assert main(["agent", "revoke", "agent-nope"]) == 2
-    assert "agent_id" in capsys.readouterr().err
+    assert "no agent 'agent-nope'" in capsys.readouterr().err
     assert main(["audit", "--limit", "5"]) == 0
     assert "agent revoke" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
@@ -470,7 +470,7 @@ def test_cli_apply_and_workspace_follow_changes(cli: str, tmp_path: Path, capsys
     assert len(json.loads(capsys.readouterr().out)) == 2
 
     assert main(["workspace", "render", "--deployment", "prod", "--out", str(tmp_path / "w.yaml"), "--reload"]) == 2
-    assert "webserver_url" in capsys.readouterr().err
+    assert "--reload needs --webserver-url" in capsys.readouterr().err
     def unreachable(url: str) -> None:
         raise WorkspaceReloadError(f"cannot reach {url}/graphql: connection refused")
     monkeypatch.setattr("controlplane.cli.reload", unreachable)

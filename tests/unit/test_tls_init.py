@@ -55,7 +55,7 @@ def test_init_needs_hostnames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                               capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("AIRLOCK_CP_TLS_HOSTNAMES", raising=False)
     assert _init(tmp_path, "--out", str(tmp_path / "tls")) == 2
-    assert "tls init: hostnames: give the names appliances reach the gateway by" in capsys.readouterr().err
+    assert "tls init: give the names appliances reach the gateway by" in capsys.readouterr().err
     assert not (tmp_path / "tls").exists()
     with pytest.raises(SystemExit):
         _init(tmp_path, "--hostnames", " , ", "--out", str(tmp_path / "tls"))

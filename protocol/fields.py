@@ -1,4 +1,9 @@
-"""Typed readers for YAML fields: each returns a clean value or raises PolicyError naming the field."""
+"""Typed readers for policy and spec fields: each returns a clean value or raises PolicyError naming the field.
+
+Both sides read with these (the appliance its policy files and desired sets, the control plane its location
+specs and deploy files), so an error reads the same wherever it is raised. Pure: `yaml_fields` parses text,
+reading files is the caller's job.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from appliance.policy.errors import PolicyError
+import yaml
+
+from protocol.errors import PolicyError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+SUPPORTED_VERSION = 1  # every airlock file and desired set says `version: 1`
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -128,3 +136,23 @@ class Fields:
         unknown = sorted(str(k) for k in self.data if k not in self._read)
         if unknown:
             raise self.error(unknown[0], f"unknown field (known here: {', '.join(sorted(self._read)) or 'none'})")
+
+
+def yaml_fields(text: str, file: str, *, versioned: bool = True) -> Fields:
+    """Parse one YAML document into Fields; with `versioned`, its `version:` must be SUPPORTED_VERSION."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PolicyError(file, where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    fields = Fields(file, data if data is not None else {})
+    if versioned:
+        check_version(fields)
+    return fields
+
+
+def check_version(fields: Fields) -> None:
+    version = fields.raw("version", required=True)
+    if version != SUPPORTED_VERSION:
+        raise fields.error("version", f"unsupported version {version!r}; this airlock reads {SUPPORTED_VERSION}")
