@@ -36,6 +36,12 @@ _HOP = frozenset(
     b"transfer-encoding upgrade".split()
 )
 _REQUEST_DROP = _HOP | {b"host", b"content-length", b"expect"}
+# Safe to send again when a reused connection got no answer: the engine cannot have acted twice on these.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD"})
+
+
+class _NotSent(ConnectionError):
+    """The request never fully left: the connection was closed before (or while) it was written."""
 
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
@@ -58,11 +64,22 @@ class _Upstream:
         reader, writer = await asyncio.open_unix_connection(path)
         return cls(reader, writer)
 
+    @property
+    def stale(self) -> bool:
+        """The engine already hung up this idle connection (its keep-alive ended): do not send on it."""
+        return self.writer.is_closing() or self.reader.at_eof() or self.reader.exception() is not None
+
     async def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> Any:
+        """Send one request and read the response head; `_NotSent` if the connection was gone before it left."""
         data = self.conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
         data += (self.conn.send(h11.Data(data=body)) or b"") if body else b""
-        self.writer.write(data + (self.conn.send(h11.EndOfMessage()) or b""))
-        await self.writer.drain()
+        if self.writer.is_closing():
+            raise _NotSent("the engine had closed the connection")
+        try:
+            self.writer.write(data + (self.conn.send(h11.EndOfMessage()) or b""))
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise _NotSent(str(exc) or type(exc).__name__) from exc
         while True:
             event = await _next_event(self.conn, self.reader)
             if isinstance(event, h11.Response):
@@ -227,17 +244,46 @@ class Sockguard:
         if body or method in {"POST", "PUT"}:
             headers.append((b"content-length", str(len(body)).encode()))
         try:
-            if upstream is None:
-                upstream = await _Upstream.open(self.upstream)
-            response = await upstream.request(request.method, decision.target, headers, body)
+            upstream, response = await self._send(upstream, request.method, decision, headers, body)
         except (OSError, ConnectionError, h11.ProtocolError) as exc:
-            if upstream is not None:
-                upstream.close()
             self._log({"event": "sockguard.upstream_error", "method": method, "path": decision.path, "error": str(exc)})
             failed = Decision(False, "upstream", "the Docker engine did not answer", decision.path, status=502)
             await self._respond(conn, writer, failed, head=method == "HEAD", close=True)
             return None, False
         return await self._relay(conn, reader, writer, upstream, response)
+
+    async def _send(
+        self, upstream: _Upstream | None, method: bytes, decision: Decision, headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> tuple[_Upstream, h11.Response]:
+        """Send on the kept connection, or a fresh one when the engine has closed it since the last exchange.
+
+        A kept connection can die between the check and the send. Then the request goes once more, on a new
+        connection, when it cannot have been acted on: it was never written, or it is a GET/HEAD that got no
+        answer. That is Go's net/http rule for reused connections; a POST that was written and got no answer is
+        not sent again (the engine may have created the container), it fails with 502.
+        """
+        if upstream is not None and upstream.stale:
+            upstream.close()
+            upstream = None
+        reused = upstream is not None
+        if upstream is None:
+            upstream = await _Upstream.open(self.upstream)
+        try:
+            return upstream, await upstream.request(method, decision.target, headers, body)
+        except (OSError, ConnectionError, h11.ProtocolError) as exc:
+            upstream.close()
+            retry = reused and (isinstance(exc, _NotSent) or method in _IDEMPOTENT)
+            if not retry:
+                raise
+            self._log({"event": "sockguard.upstream_retry", "method": method.decode("ascii", "replace"),
+                       "path": decision.path, "error": str(exc) or type(exc).__name__})
+        upstream = await _Upstream.open(self.upstream)
+        try:
+            return upstream, await upstream.request(method, decision.target, headers, body)
+        except BaseException:
+            upstream.close()
+            raise
 
     async def _relay(
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

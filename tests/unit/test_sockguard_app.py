@@ -54,6 +54,8 @@ class FakeEngine:
     release: threading.Event = field(default_factory=threading.Event)
     connections: int = 0
     hung_up: list[int] = field(default_factory=list)
+    close_after_answer: bool = False  # an engine whose keep-alive ends right after each answer
+    unanswered: dict[str, int] = field(default_factory=dict)  # "METHOD /path": read, then drop, this many times
 
     def docs(self, path: str) -> Any:
         if re.fullmatch(r"/containers/(appliance|c{64})/json", path):
@@ -85,7 +87,12 @@ class FakeEngine:
                     body += event.data
                 seen = Seen(number, request.method.decode(), request.target.decode(), body)
                 self.seen.append(seen)
+                if self.unanswered.get(key := f"{seen.method} {seen.path}", 0) > 0:
+                    self.unanswered[key] -= 1
+                    return
                 await self.answer(conn, reader, writer, seen)
+                if self.close_after_answer:
+                    return
                 conn.start_next_cycle()
         except (h11.ProtocolError, ConnectionError):
             pass
@@ -430,3 +437,49 @@ def _read_until(sock: socket.socket, marker: bytes) -> bytes:
             break
         data += chunk
     return data
+
+
+def test_a_kept_engine_connection_the_engine_closed_is_replaced_not_a_502(stack: Stack) -> None:
+    """The engine ends its keep-alive between two requests: each request still gets the engine's answer."""
+    stack.engine.close_after_answer = True
+    conn = UnixHTTPConnection(stack.socket)
+    try:
+        for target in ["/v1.41/_ping", "/v1.41/containers/json", "/v1.41/version", "/v1.41/containers/json"]:
+            conn.request("GET", target)
+            response = conn.getresponse()
+            assert response.status == 200, (target, response.read())
+            response.read()
+            time.sleep(0.1)  # the hang-up reaches sockguard first: its stale check replaces the connection
+    finally:
+        conn.close()
+    assert stack.guard.accepted == 1  # one client connection throughout
+    assert len({s.connection for s in stack.engine.seen}) == 4  # a fresh engine connection for each
+    assert not [d for d in stack.decisions() if d["event"] == "sockguard.upstream_error"]
+
+
+def test_a_get_that_died_on_a_kept_connection_is_sent_again_a_written_post_is_not(stack: Stack) -> None:
+    """Go's net/http rule: a reused connection's GET may go twice, a POST the engine may have acted on may not."""
+    conn = UnixHTTPConnection(stack.socket)
+    try:
+        conn.request("GET", "/v1.41/_ping")
+        assert conn.getresponse().read() == b"OK"
+        stack.engine.unanswered = {"GET /containers/json": 1}  # the engine answers the retry
+        conn.request("GET", "/v1.41/containers/json")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == b"[]"
+        conn.request("GET", "/v1.41/_ping")
+        assert conn.getresponse().read() == b"OK"
+        stack.engine.unanswered = {"POST /networks/create": 1}
+        body = json.dumps({"Name": "n", "Internal": True, "Labels": {MANAGED: "true"},
+                           "Options": {"com.docker.network.bridge.inhibit_ipv4": "true"}})
+        conn.request("POST", "/v1.41/networks/create", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 502 and b"did not answer" in response.read()
+    finally:
+        conn.close()
+    gets = [s for s in stack.engine.seen if s.path == "/containers/json"]
+    posts = [s for s in stack.engine.seen if s.path == "/networks/create"]
+    assert len(gets) == 2 and gets[0].connection != gets[1].connection
+    assert len(posts) == 1, "a POST the engine read was sent a second time"
+    events = [d["event"] for d in stack.decisions()]
+    assert events.count("sockguard.upstream_retry") == 1 and events.count("sockguard.upstream_error") == 1
