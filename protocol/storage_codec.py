@@ -2,9 +2,11 @@
 
 Dagster's serdes encodes most of what storage methods take and return (runs, events, filters, asset keys).
 What it lacks gets an explicit, tagged codec here: plain containers (tuples, sets, maps with non-string keys),
-datetimes, and a short allowlist of Dagster record types that serdes does not register (RunRecord,
-AssetRecord, PoolConfig, ...). Decoding never imports a name it was sent: a tag is looked up in the tables
-below, and anything else is refused with a CodecError naming it.
+datetimes, a short allowlist of Dagster record types that serdes does not register (RunRecord,
+AssetRecord, PoolConfig, ...), and the enums serdes does not register (DagsterEventType, ...), by member name.
+The enum allowlist is every enum the allowlisted storage methods' type hints mention (protocol/storage_types.py),
+so it is complete by construction; a test checks that the record table is too. Decoding never imports a name
+it was sent: a tag is looked up in these tables, and anything else is refused with a CodecError naming it.
 
 Imported only where Dagster is installed (userland in user-code images, the control plane); the appliance
 forwards the encoded text without reading it.
@@ -13,6 +15,7 @@ forwards the encoded text without reading it.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import importlib
 import json
 from collections.abc import Callable, Mapping
@@ -23,7 +26,7 @@ from dagster._serdes import deserialize_value, serialize_value
 
 from protocol.storage_calls import CodecError
 
-__all__ = ["CodecError", "decode", "encode", "pack", "unpack"]
+__all__ = ["CodecError", "decode", "encode", "pack", "record_classes", "unpack"]
 
 
 # Record types serdes does not register, by the name they cross under -> "module:Class". Fields cross as
@@ -39,6 +42,11 @@ _RECORDS: Mapping[str, str] = {
     "AssetCheckSummaryRecord": "dagster._core.storage.event_log.base:AssetCheckSummaryRecord",
     "PlannedMaterializationInfo": "dagster._core.storage.event_log.base:PlannedMaterializationInfo",
     "ConcurrencyKeyInfo": "dagster._core.storage.event_log.base:ConcurrencyKeyInfo",
+    # Found missing by the walk of the allowlisted methods' hints (protocol/storage_types.py):
+    "AssetCheckExecutionRecord": "dagster._core.storage.asset_check_execution_record:AssetCheckExecutionRecord",
+    "EventRecordsResult": "dagster._core.event_api:EventRecordsResult",
+    "JobBucket": "dagster._core.storage.dagster_run:JobBucket",
+    "TagBucket": "dagster._core.storage.dagster_run:TagBucket",
 }
 
 
@@ -57,6 +65,41 @@ def _record_names() -> dict[type, str]:
         except (ImportError, AttributeError):  # a type this Dagster version does not have
             continue
     return found
+
+
+def record_classes() -> frozenset[type]:
+    """The record types this codec carries field by field (those this Dagster version has)."""
+    return frozenset(_record_names())
+
+
+@cache
+def _enums() -> dict[str, type[enum.Enum]]:
+    """Enum name -> class, for every enum an allowlisted storage method can take or return."""
+    from protocol.storage_types import boundary_types
+
+    table: dict[str, type[enum.Enum]] = {}
+    for klass in boundary_types().enums:
+        if table.setdefault(klass.__name__, klass) is not klass:
+            raise CodecError(f"two enums cross the storage boundary as {klass.__name__!r}")
+    return table
+
+
+def _pack_enum(value: enum.Enum) -> dict[str, Any]:
+    name = type(value).__name__
+    if _enums().get(name) is not type(value):
+        raise CodecError(f"{type(value).__module__}.{type(value).__qualname__} is not an enum any allowlisted "
+                         f"storage method takes or returns")
+    return {"@": "enum", "t": name, "v": value.name}
+
+
+def _unpack_enum(tree: Mapping[str, Any]) -> enum.Enum:
+    klass = _enums().get(tree.get("t"))  # type: ignore[arg-type]
+    if klass is None:
+        raise CodecError(f"enum {tree.get('t')!r} is not on the storage codec's allowlist")
+    member = tree["v"]
+    if not isinstance(member, str) or member not in klass.__members__:
+        raise CodecError(f"{klass.__name__} has no member {str(member)[:80]!r}")
+    return klass[member]
 
 
 def _fields(value: Any) -> dict[str, Any]:
@@ -96,6 +139,8 @@ def pack(value: Any) -> Any:
     text = _serdes_text(value)
     if text is not None:
         return {"@": "serdes", "v": text}
+    if isinstance(value, enum.Enum):
+        return _pack_enum(value)
     if isinstance(value, list):
         return [pack(v) for v in value]
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
@@ -136,6 +181,8 @@ def unpack(tree: Any) -> Any:
         if not isinstance(fields, dict):
             raise CodecError(f"record {name}: fields must be an object")
         return _record_class(name)(**{k: unpack(v) for k, v in fields.items()})
+    if tag == "enum":
+        return _unpack_enum(tree)
     decoder = _UNPACK.get(tag)
     if decoder is None:
         raise CodecError(f"unknown value tag {tag!r}")
