@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from protocol.files import write_atomic
+
 
 @dataclass(frozen=True)
 class TlsFiles:
@@ -30,10 +32,7 @@ class TlsFiles:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(path.with_suffix(".tmp"), path)
+    write_atomic(path, data, mode=mode)
 
 
 def _name(common_name: str) -> x509.Name:

@@ -23,7 +23,6 @@ How the two Dagster processes notice a new file (dagster 1.13.27 source):
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import yaml
 
 from controlplane.registry import LocationRecord
 from protocol.errors import TemporaryError
+from protocol.files import write_atomic
 
 __all__ = ["RELOAD_WORKSPACE_MUTATION", "LocationLoad", "WorkspaceReloadError", "reload", "render_workspace",
            "write_workspace"]
@@ -101,22 +101,7 @@ def write_workspace(path: str | os.PathLike[str], text: str) -> bool:
     except FileNotFoundError:
         pass
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # the webserver and daemon may run as another user
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+    write_atomic(target, text, mode=0o644)  # the webserver and daemon may run as another user
     return True
 
 

@@ -28,6 +28,7 @@ from appliance.agent.runs import RunManager
 from appliance.agent.status import write_status
 from appliance.agent.transport import GatewayClient
 from appliance.policy import Location, Policy, PolicyError, locations_from_data
+from protocol.files import write_atomic
 from protocol.work import SignedWork, WorkKind, failed_result, ok_result
 
 log = logging.getLogger("airlock.agent.connected")
@@ -59,9 +60,7 @@ class DesiredLocations:
         except PolicyError as exc:
             raise HandlerError(f"refused by this appliance's policy: {exc}") from None
         with self._lock:
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(self.path)
+            write_atomic(self.path, json.dumps(data), mode=0o600)
             self.locations = locations
         return locations
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from appliance.agent.transport import Enrollment, GatewayClient
+from protocol.files import write_atomic
 from protocol.signing import SigningKey
 
 log = logging.getLogger("airlock.agent.identity")
@@ -86,11 +87,7 @@ def load_enrollment(state_dir: str) -> Enrollment | None:
 
 
 def save_enrollment(state_dir: str, enrollment: Enrollment) -> None:
-    path = Path(state_dir) / ENROLLMENT_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(enrollment.__dict__, indent=2))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    write_atomic(Path(state_dir) / ENROLLMENT_FILE, json.dumps(enrollment.__dict__, indent=2), mode=0o600)
 
 
 def ensure_enrolled(client: GatewayClient, state_dir: str, *, token: str, queues: list[str],

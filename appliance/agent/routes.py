@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from appliance.policy import Location
+from protocol.files import write_atomic
 
 
 def render_routes(subnets: dict[str, list[str]], locations: dict[str, Location]) -> str:
@@ -31,11 +31,6 @@ def write_routes(path: str, text: str) -> bool:
             return False
     except FileNotFoundError:
         pass
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o640)
-    group = target.parent.stat().st_gid  # the egress proxy's group owns the directory
-    if tmp.stat().st_gid != group:
-        os.chown(tmp, -1, group)
-    os.replace(tmp, target)
+    # 0640 in the egress proxy's group, which owns the directory
+    write_atomic(target, text, mode=0o640, group=target.parent.stat().st_gid)
     return True

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from protocol.files import write_atomic
 
 
 class State(StrEnum):
@@ -51,10 +52,7 @@ def status_path(state_dir: str) -> Path:
 
 def write_status(state_dir: str, status: ApplianceStatus) -> None:
     """Atomic replace, so a reader never sees half a file."""
-    path = status_path(state_dir)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(status.to_json())
-    os.replace(tmp, path)
+    write_atomic(status_path(state_dir), status.to_json(), durable=False)  # rewritten every pass
 
 
 def read_status(state_dir: str) -> ApplianceStatus | None:

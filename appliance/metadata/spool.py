@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import TemporaryError
+from protocol.files import fsync_dir, write_atomic
 
 __all__ = ["Spool", "SpoolFull", "SpooledBatch"]
 
@@ -95,11 +96,8 @@ class Spool:
     def _create(self, run_id: str, location: str) -> _Run:
         path = self.root / run_id
         path.mkdir(mode=0o700, exist_ok=True)
-        tmp = path / "meta.json.tmp"
-        tmp.write_text(json.dumps({"location": location}))
-        os.replace(tmp, path / "meta.json")
-        _fsync_dir(path)
-        _fsync_dir(self.root)
+        write_atomic(path / "meta.json", json.dumps({"location": location}), mode=0o600)
+        fsync_dir(self.root)
         run = self._runs[run_id] = _Run(path)
         return run
 
@@ -137,9 +135,7 @@ class Spool:
         with run.lock:
             if end <= run.acked:
                 return
-            tmp = run.path / "acked.tmp"
-            tmp.write_text(str(end))
-            os.replace(tmp, run.path / "acked")
+            write_atomic(run.path / "acked", str(end), mode=0o600, durable=False)  # lost: resent, applied once
             run.acked = end
         with self.changed:
             self.changed.notify_all()
@@ -163,9 +159,8 @@ class Spool:
             return
         with run.lock:
             run.ended = True
-            tmp = run.path / "meta.json.tmp"
-            tmp.write_text(json.dumps({"location": run.location, "ended": True}))
-            os.replace(tmp, run.path / "meta.json")
+            write_atomic(run.path / "meta.json", json.dumps({"location": run.location, "ended": True}), mode=0o600,
+                         durable=False)
         self._collect(run_id)
 
     def _collect(self, run_id: str) -> None:
@@ -175,11 +170,3 @@ class Spool:
                 return
             del self._runs[run_id]
         shutil.rmtree(run.path, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

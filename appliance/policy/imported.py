@@ -8,7 +8,6 @@ ImagePolicy.digests; a bad file refuses the whole policy, like any other policy 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from appliance.policy.files import read_yaml
 from protocol.errors import PolicyError
 from protocol.fields import SUPPORTED_VERSION
+from protocol.files import write_atomic
 
 IMPORTED_FILE = "images-imported.yaml"
 DIGEST = r"sha256:[0-9a-f]{64}"
@@ -65,19 +65,9 @@ def write_imported(path: str | os.PathLike[str], added: Iterable[ImportedImage])
          "imported": e.imported} for e in merged.values()
     ]}
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        write_atomic(target, _HEADER + yaml.safe_dump(data, sort_keys=False), mode=0o644)  # sockguard reads it
     except OSError as exc:
         raise PolicyError(str(target), "", f"cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w") as handle:
-            os.fchmod(handle.fileno(), 0o644)  # sockguard's own user reads it
-            handle.write(_HEADER + yaml.safe_dump(data, sort_keys=False))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return tuple(merged.values())
 
 

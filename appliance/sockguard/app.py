@@ -26,6 +26,7 @@ import h11
 from appliance.policy import Policy
 from appliance.sockguard import Decision, Found, ImageInfo, Lookups, Table, inspect, rules
 from appliance.sockguard.inspect import Refusal
+from protocol.errors import TemporaryError
 
 _READ = 65536
 _MAX_HEAD = 64 * 1024
@@ -40,7 +41,7 @@ _REQUEST_DROP = _HOP | {b"host", b"content-length", b"expect"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD"})
 
 
-class _NotSent(ConnectionError):
+class _NotSent(TemporaryError, ConnectionError):
     """The request never fully left: the connection was closed before (or while) it was written."""
 
 

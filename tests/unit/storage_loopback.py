@@ -15,7 +15,9 @@ from controlplane.storage.scope import Scope
 from protocol.storage_calls import CALLS
 from userland.client import RelayClient
 
-__all__ = ["Loopback", "execute", "run_for", "user_instance"]
+__all__ = ["EXAMPLE", "Loopback", "example_run", "execute", "run_for", "user_instance"]
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "images" / "example-location"
 
 
 def run_for(instance: DagsterInstance, root: Path, module: str, job_name: str, *, location: str,
@@ -45,6 +47,11 @@ def run_for(instance: DagsterInstance, root: Path, module: str, job_name: str, *
         job_def=recon.get_definition(), execution_plan=create_execution_plan(recon, config, tags=tags),
         job_code_origin=recon.get_python_origin(), remote_job_origin=origin, run_config=config, tags=tags,
         asset_selection=asset_selection)
+
+
+def example_run(instance: DagsterInstance, job_name: str):
+    """A run of the example location's `job_name` (location "example")."""
+    return run_for(instance, EXAMPLE, "example_location.definitions", job_name, location="example")
 
 
 class Loopback:

@@ -20,7 +20,7 @@ from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore, agents
 from controlplane.registry import Registry
 from controlplane.runs.launcher import AGENT_LOST_SECONDS, HybridRunLauncher, launch_payload
-from tests.unit.test_storage_rpc import _run_for
+from tests.unit.storage_loopback import example_run
 
 
 @pytest.fixture()
@@ -45,7 +45,7 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def test_launch_run_args_name_userland_and_nothing_of_the_control_plane(setup, tmp_path: Path) -> None:
     instance, _, _, _ = setup
-    _, run = _run_for(instance, "numbers_job")
+    _, run = example_run(instance, "numbers_job")
     payload = launch_payload(run, "example")
     text = json.dumps(payload)
     assert str(tmp_path) not in text and "sqlite" not in text.lower()  # no path or database of the control plane
@@ -59,7 +59,7 @@ def test_launch_run_args_name_userland_and_nothing_of_the_control_plane(setup, t
 
 def test_launch_queues_work_on_the_locations_queue_and_terminate_marks_canceling(setup) -> None:
     instance, launcher, _, queue = setup
-    _, run = _run_for(instance, "numbers_job")
+    _, run = example_run(instance, "numbers_job")
     from dagster._core.launcher import LaunchRunContext
 
     before = queue.pending_count("default", "default")  # the registry's RECONCILE_LOCATIONS
@@ -90,7 +90,7 @@ def _heartbeat(engine, *, seconds_ago: float, runs: list[dict]) -> None:
 ])
 def test_worker_health_from_heartbeats(setup, seconds_ago, runs, started_ago, expected) -> None:
     instance, launcher, engine, _ = setup
-    _, run = _run_for(instance, "numbers_job")
+    _, run = example_run(instance, "numbers_job")
     _heartbeat(engine, seconds_ago=seconds_ago, runs=[dict(r, runId=run.run_id) for r in runs])
     launcher._started_at = lambda _run: time.time() - started_ago
     assert launcher.check_run_worker_health(run).status == expected

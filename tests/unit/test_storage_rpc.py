@@ -24,7 +24,7 @@ from controlplane.storage.scope import Scope  # noqa: E402
 from controlplane.storage.service import EXIT_METHOD, StorageService  # noqa: E402
 from protocol.storage_calls import CodecError, StorageCallRefused  # noqa: E402
 from protocol.storage_codec import decode, encode  # noqa: E402
-from tests.unit.storage_loopback import Loopback, run_for, user_instance  # noqa: E402
+from tests.unit.storage_loopback import Loopback, example_run, user_instance  # noqa: E402
 from userland.client import RelayClient  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "images" / "example-location"
@@ -62,10 +62,6 @@ def test_codec_refuses_what_it_does_not_know_and_never_imports_a_name_it_is_sent
             decode(text)
 
 
-def _run(instance: DagsterInstance, job_name: str):
-    return run_for(instance, EXAMPLE, "example_location.definitions", job_name, location="example")
-
-
 # -- a real run through userland, looped back --------------------------------------------------------------
 @pytest.fixture()
 def control_plane(tmp_path: Path) -> Iterator[DagsterInstance]:
@@ -79,7 +75,7 @@ def test_a_run_worker_on_userland_storage_succeeds_with_every_event_on_the_contr
         control_plane: DagsterInstance, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, job_name: str) -> None:
     from dagster._cli.api import _execute_run_command_body
 
-    _recon, run = _run(control_plane, job_name)
+    _recon, run = example_run(control_plane, job_name)
     send = Loopback(StorageExecutor(control_plane), Scope(run.run_id, "example"))
     worker = user_instance(monkeypatch, send, tmp_path)
     assert worker.get_ref().run_storage_data.class_name == "RelayRunStorage"
@@ -105,8 +101,8 @@ def test_a_run_worker_on_userland_storage_succeeds_with_every_event_on_the_contr
 def test_a_run_token_cannot_reach_another_runs_data_but_can_its_own(control_plane: DagsterInstance) -> None:
     from dagster._core.events.log import EventLogEntry
 
-    _, mine = _run(control_plane, "numbers_job")
-    _, other = _run(control_plane, "numbers_job")
+    _, mine = example_run(control_plane, "numbers_job")
+    _, other = example_run(control_plane, "numbers_job")
     executor, scope = StorageExecutor(control_plane), Scope(mine.run_id, "example")
 
     def call(method: str, *args: Any, **kwargs: Any) -> Any:
@@ -149,7 +145,7 @@ def test_a_location_token_reads_its_own_runs_and_asset_state_and_writes_nothing(
     from dagster._core.events.log import EventLogEntry
     from dagster._core.storage.dagster_run import DagsterRun
 
-    _, mine = _run(control_plane, "numbers_job")
+    _, mine = example_run(control_plane, "numbers_job")
     foreign = control_plane.add_run(DagsterRun(job_name="numbers_job", run_id="f" * 32))  # no origin: another's
     executor, scope = StorageExecutor(control_plane), Scope("*", "example")
 
@@ -175,7 +171,7 @@ def test_a_location_token_reads_its_own_runs_and_asset_state_and_writes_nothing(
 
 
 def test_compute_log_keys_stay_under_the_run(control_plane: DagsterInstance) -> None:
-    _, run = _run(control_plane, "numbers_job")
+    _, run = example_run(control_plane, "numbers_job")
     executor, scope = StorageExecutor(control_plane), Scope(run.run_id, "example")
     for key in ([run.run_id, "..", "x"], ["other-run", "compute_logs", "x"], [run.run_id, "a/b"]):
         with pytest.raises(StorageCallRefused):
@@ -193,7 +189,7 @@ def _worker_logs(control_plane: DagsterInstance, tmp_path: Path):
     """A run worker's compute log manager, looped back to the control plane, recording every upload."""
     from userland.compute_logs import RelayComputeLogManager
 
-    _, run = _run(control_plane, "numbers_job")
+    _, run = example_run(control_plane, "numbers_job")
     send = Loopback(StorageExecutor(control_plane), Scope(run.run_id, "example"))
     uploads: list[dict[str, Any]] = []
 
@@ -270,11 +266,11 @@ def test_writes_are_applied_once_even_when_a_batch_is_sent_again(service, contro
     from dagster._core.events.log import EventLogEntry
 
     svc, _ = service
-    _, run = _run(control_plane, "numbers_job")
+    _, run = example_run(control_plane, "numbers_job")
     writes = [{"method": "events.store_event", "client": "c1", "seq": i, "kwargs": encode({}),
                "args": encode([EventLogEntry(error_info=None, level=20, user_message=f"m{i}", run_id=run.run_id,
                                              timestamp=float(i))])} for i in range(1, 4)]
-    _, other = _run(control_plane, "numbers_job")
+    _, other = example_run(control_plane, "numbers_job")
     forged = {"method": "events.store_event", "client": "c1", "seq": 9, "kwargs": encode({}),
               "args": encode([EventLogEntry(error_info=None, level=20, user_message="forged", run_id=other.run_id,
                                             timestamp=9.0)])}
@@ -291,7 +287,7 @@ def test_writes_are_applied_once_even_when_a_batch_is_sent_again(service, contro
 def test_writes_for_a_location_the_agent_does_not_serve_or_an_unknown_run_are_refused_and_audited(
         service, control_plane) -> None:
     svc, audits = service
-    _, run = _run(control_plane, "numbers_job")
+    _, run = example_run(control_plane, "numbers_job")
     write = [{"method": "events.store_event", "client": "c", "seq": 1, "args": "[]", "kwargs": encode({})}]
     out = svc.write(AGENT, "k", run.run_id, "elsewhere", write)
     assert out["accepted"] == 0 and "does not serve location 'elsewhere'" in out["refused"][0]["error"]
@@ -304,7 +300,7 @@ def test_writes_for_a_location_the_agent_does_not_serve_or_an_unknown_run_are_re
 
 def test_an_exit_report_fails_a_run_that_had_not_ended_with_the_oom_reason(service, control_plane) -> None:
     svc, _ = service
-    _, run = _run(control_plane, "numbers_job")
+    _, run = example_run(control_plane, "numbers_job")
     report = {"exit_code": 137, "oom_killed": True, "log_tail": "Killed", "reason": None}
     out = svc.write(AGENT, "k", run.run_id, "example", [{"method": EXIT_METHOD, "args": "[]", "client": "airlock-agent",
                                                          "seq": 1, "kwargs": json.dumps(report)}])
