@@ -39,7 +39,8 @@ COPY --from=fastpath /usr/local/bin/airlock-fastpath /usr/local/bin/airlock-fast
 RUN echo /opt/airlock/src > "$(/opt/airlock/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/airlock.pth" \
  && chmod 0755 /usr/local/bin/airlock /usr/local/bin/airlock-entrypoint \
  && /opt/airlock/venv/bin/python -m compileall -q /opt/airlock/src \
- && install -d -o airlock-agent -g airlock-agent -m 0700 /var/lib/airlock
+ && install -d -o airlock-agent -g airlock-agent -m 0700 /var/lib/airlock \
+ && install -d -o root -g root -m 0755 /etc/airlock/operator
 ENV PATH=/opt/airlock/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
     AIRLOCK_POLICY_DIR=/etc/airlock/policy \
@@ -47,7 +48,8 @@ ENV PATH=/opt/airlock/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
     AIRLOCK_DOCKER_HOST=unix:///run/airlock/sockguard/docker.sock \
     AIRLOCK_UPSTREAM_SOCKET=/var/run/docker.sock \
     AIRLOCK_LOCATIONS=/etc/airlock/locations.yaml
-VOLUME ["/var/lib/airlock"]
+# The operator's image allowlist (airlock images allow): root writes it, sockguard and the agent read it.
+VOLUME ["/var/lib/airlock", "/etc/airlock/operator"]
 LABEL airlock.role=appliance
 HEALTHCHECK --interval=15s --timeout=10s --start-period=20s --retries=3 CMD ["airlock", "health"]
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/airlock-entrypoint"]

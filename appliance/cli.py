@@ -182,6 +182,76 @@ def cmd_bundle_import(_settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images_allow(settings: Settings, args: argparse.Namespace) -> int:
+    from appliance.policy import operator
+
+    return _edit_operator_images(args.image, operator.add_entry, "allowed", "already allowed")
+
+
+def cmd_images_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from appliance.policy import operator
+
+    return _edit_operator_images(args.image, operator.remove_entry, "revoked", "was not in the operator's allowlist")
+
+
+def _edit_operator_images(refs: list[str], change, done: str, unchanged: str) -> int:
+    """Validate every reference and the current file first; then one atomic write. Nothing changes on error."""
+    from appliance.policy import operator
+
+    path = operator.operator_file()
+    try:
+        entries = [operator.parse_reference(ref) for ref in refs]
+        images = operator.read_operator_images(path)
+        changed = []
+        for entry in entries:
+            images, did = change(images, entry)
+            print(f"airlock: {entry} {done if did else unchanged}")
+            changed.append(did)
+        if any(changed):
+            operator.write_operator_images(path, images)
+            print(f"airlock: {path} updated; sockguard and the agent apply it now (no restart)")
+    except PolicyError as exc:
+        print(f"airlock: refused: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_images_list(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from appliance.policy import operator
+    from appliance.policy.imported import IMPORTED_FILE, read_imported
+
+    rows: list[dict[str, str]] = []
+    try:
+        baked = load_policy(settings.policy_dir).images
+        imported = {i.digest for i in read_imported(Path(settings.policy_dir) / IMPORTED_FILE)}
+    except PolicyError as exc:
+        print(f"airlock: policy refused: {exc}", file=sys.stderr)
+        return 2
+    rows += [{"kind": "name", "value": n, "source": "policy/images.yaml"} for n in baked.names]
+    rows += [{"kind": "digest", "value": d, "source": "bundle import" if d in imported else "policy/images.yaml"}
+             for d in baked.digests]
+    path = operator.operator_file()
+    error = None
+    try:
+        rows += [{"kind": e.kind, "value": e.value, "source": "operator", "added": e.added}
+                 for e in operator.read_operator_images(path).entries]
+    except PolicyError as exc:
+        error = str(exc)
+    if args.json:
+        print(json.dumps({"operator_file": str(path), "error": error, "allow": rows}, indent=2))
+    else:
+        print(f"{'KIND':<7} {'SOURCE':<19} VALUE")
+        for row in rows:
+            print(f"{row['kind']:<7} {row['source']:<19} {row['value']}")
+        print(f"operator allowlist: {path}" + ("" if path.exists() else " (none yet)"))
+    if error:
+        print(f"airlock: the operator allowlist is ignored until fixed: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="airlock", description="airlock appliance")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="the appliance key").add_subparsers(dest="action", required=True)
     keys.add_parser("rotate", help="register a new key with the control plane (signed by the current one) and "
                                    "switch to it").set_defaults(func=cmd_keys_rotate)
+    images = sub.add_parser("images", help="the operator's image allowlist (live: no restart)").add_subparsers(
+        dest="images_command", required=True)
+    for name, func, text in (("allow", cmd_images_allow, "allow images for code locations and runs"),
+                             ("revoke", cmd_images_revoke, "take images off the operator's allowlist")):
+        p = images.add_parser(name, help=text)
+        p.add_argument("image", nargs="+", help="a repository ('acme/etl', or a glob 'acme/*'), an image id "
+                                                "('sha256:<64 hex>') or 'repository@sha256:<digest>'; never a tag")
+        p.set_defaults(func=func)
+    p = images.add_parser("list", help="every allowed image and where the permission comes from")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_images_list)
     _add_bundle_parser(sub)
     return parser
 

@@ -62,6 +62,7 @@ def appliance_run_kwargs(image: str, *, name: str, appliance_id: str, locations_
         "volumes": {
             SOCKET: {"bind": SOCKET, "mode": "rw"},
             f"airlock-state-{appliance_id}": {"bind": "/var/lib/airlock", "mode": "rw"},
+            f"airlock-operator-{appliance_id}": {"bind": "/etc/airlock/operator", "mode": "rw"},  # airlock images
             str(locations_file): {"bind": "/etc/airlock/locations.yaml", "mode": "ro"},
         },
         "cap_drop": ["ALL"],

@@ -124,8 +124,9 @@ class Appliance:
             with contextlib.suppress(docker.errors.NotFound):
                 self.container.remove(force=True)
         cleanup(self.docker, self.appliance_id)
-        with contextlib.suppress(docker.errors.NotFound):
-            self.docker.volumes.get(self.volume).remove(force=True)
+        for volume in (self.volume, f"airlock-operator-{self.appliance_id}"):
+            with contextlib.suppress(docker.errors.NotFound):
+                self.docker.volumes.get(volume).remove(force=True)
 
 
 def cleanup(dc: docker.DockerClient, appliance_id: str) -> None:

@@ -24,6 +24,7 @@ from appliance.agent.status import ApplianceStatus, LocationStatus, State, now
 from appliance.launcher.engine import Engine, LauncherError
 from appliance.launcher.spec import ContainerSpec, code_server_spec, network_name
 from appliance.policy import Location, Policy
+from appliance.policy.operator import LiveImages
 from protocol.dagster_grpc import DEFAULT_PORT
 
 log = logging.getLogger("airlock.agent")
@@ -50,6 +51,7 @@ class Reconciler:
     egress_routes: str
     egress_port: int
     location_token: Callable[[str], str] | None = None  # connected mode: a code server's read-only token
+    images: LiveImages | None = None  # the image allowlist as the operator has it now; None: policy.images
     backoff: Backoff = field(default_factory=Backoff)
     statuses: dict[str, LocationStatus] = field(default_factory=dict)
     _known: set[str] = field(default_factory=set)  # container ids this process has seen
@@ -63,7 +65,12 @@ class Reconciler:
                 network = self.engine.ensure_network(network_name(self.engine.appliance_id, name), name)
                 self.engine.attach(network, self.appliance_container)
                 subnets[name] = self.engine.subnets(network)
-                image_id = self.engine.resolve_image(location.image)
+                image_id, tags, digests = self.engine.image(location.image)
+                allowed, why = (self.images.current() if self.images else self.policy.images).decide(
+                    image_id, tags, digests)
+                if not allowed:  # no backoff: the moment the operator allows it, the next pass starts it
+                    self._set(name, State.ERROR, image=location.image, error=f"refused by this appliance: {why}")
+                    continue
                 token = self.location_token(name) if self.location_token else None
                 specs[name] = code_server_spec(location, self.policy, appliance_id=self.engine.appliance_id,
                                                image_id=image_id, egress_port=self.egress_port, storage_token=token)

@@ -23,6 +23,7 @@ from appliance.agent.status import write_status
 from appliance.launcher.engine import Engine
 from appliance.logs import configure
 from appliance.policy import Location, Policy, PolicyError, load_locations, load_policy
+from appliance.policy.operator import LiveImages, operator_file
 from appliance.settings import Settings
 
 log = logging.getLogger("airlock.agent")
@@ -109,6 +110,7 @@ def main() -> None:
         appliance_container=own_container_id(engine, settings.container_id),
         egress_routes=settings.egress_routes,
         egress_port=policy.egress.port,
+        images=LiveImages(policy.images, operator_file()),
     )
     if settings.control_plane_url:
         run_connected(settings, policy, reconciler, stop)

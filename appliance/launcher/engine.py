@@ -50,8 +50,14 @@ class Engine:
     # -- images -----------------------------------------------------------------------------------
     def resolve_image(self, ref: str) -> str:
         """The image id (sha256:...) that `ref` names on this engine; the spec pins that id."""
+        return self.image(ref)[0]
+
+    def image(self, ref: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+        """(id, repo tags, repo digests) of the image `ref` names: what the image policy decides on."""
         try:
-            return str(self.client.images.get(ref).id)
+            found = self.client.images.get(ref)
+            return (str(found.id), tuple(found.attrs.get("RepoTags") or ()),
+                    tuple(found.attrs.get("RepoDigests") or ()))
         except docker.errors.ImageNotFound:
             raise LauncherError(f"image {ref!r} is not on this Docker engine (import it; pulling is off)") from None
         except docker.errors.DockerException as exc:

@@ -70,7 +70,16 @@ class ImagePolicy:
             for pattern in self.names:
                 if fnmatch.fnmatchcase(repository, pattern):
                     return True, f"repository {repository} matches allowlist entry {pattern!r}"
-        return False, f"image {image_id} ({', '.join(repo_tags) or 'untagged'}) is not in policy/images.yaml"
+        return False, (f"image {image_id} ({', '.join(repo_tags) or 'untagged'}) is not allowed by this appliance's "
+                       f"image policy (policy/images.yaml and the operator's allowlist); on the appliance run "
+                       f"`airlock images allow {_suggestion(image_id, repo_tags)}`")
+
+
+def _suggestion(image_id: str, repo_tags: tuple[str, ...]) -> str:
+    """The repository of the first tag (what an operator usually means), else the image id itself."""
+    for tag in repo_tags:
+        return tag.rsplit(":", 1)[0] if ":" in tag.rsplit("/", 1)[-1] else tag
+    return image_id
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import signal
 import sys
 
 from appliance.policy import PolicyError, load_policy
+from appliance.policy.operator import LiveImages, operator_file
 from appliance.sockguard import load_table, rules
 from appliance.sockguard.app import Sockguard
 
@@ -36,15 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listen", required=True, help="unix socket path to serve the agent on")
     parser.add_argument("--upstream", default="/var/run/docker.sock", help="the real Docker socket")
     parser.add_argument("--policy", default="/etc/airlock/policy", help="policy directory (sockguard.yaml, ...)")
+    parser.add_argument("--operator-images", default=str(operator_file()),
+                        help="the operator's image allowlist, re-read on change (AIRLOCK_OPERATOR_DIR/images.yaml)")
     parser.add_argument("--socket-mode", type=_mode, default=0o660, help="octal mode of --listen (default 0660)")
     parser.add_argument("--socket-group", default=None, help="group to own --listen (e.g. the agent's group)")
     return parser.parse_args(argv)
 
 
 async def _run(args: argparse.Namespace) -> None:
-    guard = Sockguard(
-        upstream=args.upstream, policy=load_policy(args.policy), table=load_table(args.policy, rules.CHECKS)
-    )
+    policy = load_policy(args.policy)
+    guard = Sockguard(upstream=args.upstream, policy=policy, table=load_table(args.policy, rules.CHECKS),
+                      images=LiveImages(policy.images, args.operator_images))
     server = await guard.listen(args.listen, mode=args.socket_mode, group=args.socket_group)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

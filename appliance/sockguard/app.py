@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import http
 import json
@@ -24,6 +25,7 @@ from urllib.parse import quote
 import h11
 
 from appliance.policy import Policy
+from appliance.policy.operator import LiveImages
 from appliance.sockguard import Decision, Found, ImageInfo, Lookups, Table, inspect, rules
 from appliance.sockguard.inspect import Refusal
 from protocol.errors import TemporaryError
@@ -165,10 +167,23 @@ class Sockguard:
     """Serves client connections: decide every request, answer refusals, forward the rest."""
 
     def __init__(
-        self, *, upstream: str, policy: Policy, table: Table, lookups: Lookups | None = None, log: TextIO = sys.stderr
+        self, *, upstream: str, policy: Policy, table: Table, lookups: Lookups | None = None, log: TextIO = sys.stderr,
+        images: LiveImages | None = None,
     ) -> None:
         self.upstream, self.policy, self.table, self.log = upstream, policy, table, log
         self.lookups = lookups or EngineLookups(upstream)
+        self.images = images  # the operator's allowlist, re-read when it changes; None: the baked-in one only
+        self._image_error: str | None = None
+
+    def current_policy(self) -> Policy:
+        """The policy for this decision: the loaded one, with the image allowlist as the operator has it now."""
+        if self.images is None:
+            return self.policy
+        images = self.images.current()
+        if self.images.error != self._image_error:
+            self._image_error = self.images.error
+            self._log({"event": "sockguard.operator_images", "error": self.images.error})
+        return self.policy if images is self.policy.images else dataclasses.replace(self.policy, images=images)
 
     async def listen(self, path: str, *, mode: int = 0o660, group: str | None = None) -> asyncio.Server:
         """Bind ``path`` created 0600 (umask), then chgrp/chmod: never briefly wider than asked."""
@@ -226,7 +241,7 @@ class Sockguard:
         else:
             try:
                 decision = await rules.decide(
-                    method, request.target, body, table=self.table, policy=self.policy, lookups=self.lookups
+                    method, request.target, body, table=self.table, policy=self.current_policy(), lookups=self.lookups
                 )
             except Exception as exc:  # a bug must refuse, never forward
                 decision = Decision(False, "internal", f"{type(exc).__name__}: {exc}"[:200], raw_path, status=500)

@@ -26,12 +26,14 @@ import pytest
 
 from appliance.labels import MANAGED, ROLE
 from appliance.policy import load_policy
+from appliance.policy.operator import LiveImages, OperatorImages, parse_reference, write_operator_images
 from appliance.sockguard import load_table, rules
 from appliance.sockguard.app import Sockguard
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
 MINE, NET, CREATED = "a" * 64, "d" * 64, "9" * 64
 IMAGE = "airlock/example-location:latest"
+USER_IMAGE, USER_IMAGE_ID = "acme/etl:1.4", "sha256:" + "2" * 64
 
 
 @dataclass
@@ -71,6 +73,8 @@ class FakeEngine:
             return {"Id": networks.get(m[1]), "Internal": True, "Labels": {MANAGED: "true"}} if found else None
         if path == f"/images/{IMAGE}/json":
             return {"Id": "sha256:" + "1" * 64, "RepoTags": [IMAGE], "RepoDigests": []}
+        if path == f"/images/{USER_IMAGE}/json":  # a user's own image: not in the baked-in policy
+            return {"Id": USER_IMAGE_ID, "RepoTags": [USER_IMAGE], "RepoDigests": []}
         return {
             "/version": {"ApiVersion": "1.41", "Version": "20.10.24", "MinAPIVersion": "1.12"},
             "/containers/json": [],
@@ -164,6 +168,7 @@ class Stack:
     socket: str
     log: io.StringIO
     policy: Any
+    operator_file: Path
 
     def client(self, **kw: Any) -> docker.DockerClient:
         return docker.DockerClient(base_url=f"unix://{self.socket}", timeout=10, **kw)
@@ -185,11 +190,13 @@ def stack() -> Iterator[Stack]:
 
     engine, log, policy = FakeEngine(), io.StringIO(), load_policy(policy_dir)
     engine_server = run(asyncio.start_unix_server(engine.handle, path=str(tmp / "engine.sock")))
+    operator = tmp / "operator-images.yaml"
     guard = CountingSockguard(upstream=str(tmp / "engine.sock"), policy=policy,
-                              table=load_table(policy_dir, rules.CHECKS), log=log)
+                              table=load_table(policy_dir, rules.CHECKS), log=log,
+                              images=LiveImages(policy.images, operator))
     guard_server = run(guard.listen(str(tmp / "sg.sock"), mode=0o660))
     try:
-        yield Stack(engine, guard, str(tmp / "sg.sock"), log, policy)
+        yield Stack(engine, guard, str(tmp / "sg.sock"), log, policy, operator)
     finally:
         async def shutdown() -> None:
             for server in (guard_server, engine_server):
@@ -483,3 +490,32 @@ def test_a_get_that_died_on_a_kept_connection_is_sent_again_a_written_post_is_no
     assert len(posts) == 1, "a POST the engine read was sent a second time"
     events = [d["event"] for d in stack.decisions()]
     assert events.count("sockguard.upstream_retry") == 1 and events.count("sockguard.upstream_error") == 1
+
+
+def test_the_operators_allowlist_admits_a_users_image_live_and_revoking_it_refuses_it_again(stack: Stack) -> None:
+    client = stack.client(version="1.41")
+    kwargs = hardened_kwargs(client, stack.policy) | {"image": USER_IMAGE}
+    try:
+        with pytest.raises(docker.errors.APIError) as caught:
+            client.api.create_container(**kwargs)
+        assert caught.value.status_code == 403
+        assert "airlock images allow acme/etl" in str(caught.value)  # the refusal says how to allow it
+        assert stack.engine.created() == []
+
+        write_operator_images(stack.operator_file, OperatorImages((parse_reference("acme/*"),)))
+        assert client.api.create_container(**kwargs)["Id"] == CREATED  # same sockguard: no restart
+        assert len(stack.engine.created()) == 1
+
+        stack.operator_file.write_text("version: 1\nallow:\n  - name: UPPER\n")  # a bad file never goes live
+        with pytest.raises(docker.errors.APIError):
+            client.api.create_container(**kwargs)
+        write_operator_images(stack.operator_file, OperatorImages((parse_reference(USER_IMAGE_ID),)))
+        assert client.api.create_container(**kwargs)["Id"] == CREATED  # by image id
+        write_operator_images(stack.operator_file, OperatorImages())  # revoked
+        with pytest.raises(docker.errors.APIError):
+            client.api.create_container(**kwargs)
+    finally:
+        client.close()
+    assert len(stack.engine.created()) == 2
+    errors = [d for d in stack.decisions() if d["event"] == "sockguard.operator_images" and d["error"]]
+    assert errors and "UPPER" in errors[0]["error"]

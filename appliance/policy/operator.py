@@ -1,0 +1,183 @@
+"""The operator's image allowlist: outside the image, edited with `airlock images allow|list|revoke`, live.
+
+policy/images.yaml is baked into the appliance image; a user's own code-location images are allowed here
+instead, in `images.yaml` of the operator directory (AIRLOCK_OPERATOR_DIR, default /etc/airlock/operator: a
+volume or a mounted directory, root-owned). Only root in the appliance writes it (`docker exec APPLIANCE airlock
+images allow ...`); sockguard and the agent run as their own users and only read it. Neither the control plane
+nor the agent can widen it: the control plane only names images, and the agent cannot write here.
+
+    version: 1
+    allow:
+      - name: acme/etl            # a repository, or a glob like acme/*; never a tag (a tag can move)
+      - digest: sha256:<64 hex>   # an image id, or the digest of a registry image (repo@sha256:...)
+
+Readers re-read the file when it changes (LiveImages: a stat per decision), so an allowed image is in force
+for the next container create, with no restart. A bad file never goes live: the readers keep to the baked-in
+policy (plus bundle imports) and report the file's error, naming file and field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from appliance.policy.files import read_yaml
+from appliance.policy.model import ImagePolicy
+from protocol.errors import PolicyError
+from protocol.fields import SUPPORTED_VERSION
+from protocol.files import write_atomic
+
+__all__ = ["OPERATOR_FILE", "LiveImages", "OperatorImages", "add_entry", "operator_file", "parse_reference",
+           "read_operator_images", "remove_entry", "write_operator_images"]
+
+OPERATOR_FILE = "images.yaml"
+DEFAULT_DIR = "/etc/airlock/operator"
+DIGEST = r"sha256:[0-9a-f]{64}"
+# A repository (optionally registry host[:port]/...), globs allowed; no tag, no digest.
+REPOSITORY = r"[a-z0-9][a-z0-9._-]*(?::[0-9]{1,5})?(?:/[a-z0-9*][a-z0-9._*-]*)*|\*"
+_HEADER = ("# The operator's image allowlist (airlock images allow|list|revoke). Read live by sockguard and the\n"
+           "# agent; merged with the image's policy/images.yaml. Names are repositories or globs; digests are ids.\n")
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str  # "name" or "digest"
+    value: str
+    added: str = ""  # UTC time, for the operator's own record
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class OperatorImages:
+    entries: tuple[Entry, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(e.value for e in self.entries if e.kind == "name")
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        return tuple(e.value for e in self.entries if e.kind == "digest")
+
+
+def operator_file(env: os._Environ[str] | dict[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("AIRLOCK_OPERATOR_DIR", DEFAULT_DIR)) / OPERATOR_FILE
+
+
+def parse_reference(text: str, *, where: str = "airlock images allow") -> Entry:
+    """`sha256:<id>`, `repo@sha256:<digest>` or a repository (glob); a tag is refused with the reason."""
+    text = text.strip()
+    if re.fullmatch(DIGEST, text):
+        return Entry("digest", text)
+    if "@" in text:
+        repo, _, digest = text.rpartition("@")
+        if re.fullmatch(DIGEST, digest) and re.fullmatch(REPOSITORY, repo):
+            return Entry("digest", digest)
+        raise PolicyError(where, "image", f"{text!r}: a digest is 'sha256:' and 64 lowercase hex digits")
+    if re.fullmatch(REPOSITORY, text):
+        return Entry("name", text)
+    last = text.rsplit("/", 1)[-1]
+    if ":" in last:
+        repo = text.rsplit(":", 1)[0]
+        raise PolicyError(where, "image", f"{text!r} names a tag, and a tag can move: allow the repository "
+                                          f"({repo}) or the image itself (its id, `docker inspect --format "
+                                          f"'{{{{.Id}}}}' {text}`)")
+    raise PolicyError(where, "image", f"{text!r} is neither a repository (lowercase, globs allowed) nor "
+                                      f"'sha256:<64 hex>'")
+
+
+def read_operator_images(path: str | os.PathLike[str]) -> OperatorImages:
+    """The file's entries, validated; a missing file is an empty allowlist."""
+    path = Path(path)
+    if not path.exists():
+        return OperatorImages()
+    f = read_yaml(path)
+    entries = []
+    for item in f.children("allow", []):
+        added = item.str("added", "")
+        if item.has("digest"):
+            entries.append(Entry("digest", item.str("digest", pattern=DIGEST), added))
+        else:
+            entries.append(Entry("name", item.str("name", pattern=REPOSITORY), added))
+        item.done()
+    f.done()
+    return OperatorImages(tuple(entries))
+
+
+def write_operator_images(path: str | os.PathLike[str], images: OperatorImages) -> None:
+    """Render, check that the text reads back as the same entries, then replace the file atomically (0644)."""
+    path = Path(path)
+    data = {"version": SUPPORTED_VERSION, "allow": [
+        {e.kind: e.value, **({"added": e.added} if e.added else {})} for e in images.entries]}
+    text = _HEADER + yaml.safe_dump(data, sort_keys=False)
+    if not path.parent.is_dir():
+        raise PolicyError(str(path), "", f"directory {path.parent} does not exist: mount a volume there "
+                                         "(docs/USER_CODE.md) or set AIRLOCK_OPERATOR_DIR")
+    try:
+        write_atomic(path, text, mode=0o644)
+    except OSError as exc:
+        raise PolicyError(str(path), "", f"cannot write: {exc.strerror or exc}") from None
+    if read_operator_images(path).entries != images.entries:  # the reader is the judge of what was written
+        raise PolicyError(str(path), "", "the file written does not read back as the entries given")
+
+
+def add_entry(images: OperatorImages, entry: Entry) -> tuple[OperatorImages, bool]:
+    if any(e.kind == entry.kind and e.value == entry.value for e in images.entries):
+        return images, False
+    stamp = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return OperatorImages((*images.entries, replace(entry, added=stamp))), True
+
+
+def remove_entry(images: OperatorImages, entry: Entry) -> tuple[OperatorImages, bool]:
+    kept = tuple(e for e in images.entries if not (e.kind == entry.kind and e.value == entry.value))
+    return OperatorImages(kept), len(kept) != len(images.entries)
+
+
+class LiveImages:
+    """The image policy in force: the baked-in one plus the operator's file, re-read whenever it changes.
+
+    A stat per call is cheap next to the container create it guards. `error` holds the operator file's
+    problem while it is bad; the baked-in policy alone applies until it is fixed.
+    """
+
+    def __init__(self, base: ImagePolicy, path: str | os.PathLike[str] | None) -> None:
+        self.base, self.path = base, Path(path) if path else None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._stamp: object = None
+        self._current = base
+
+    def current(self) -> ImagePolicy:
+        if self.path is None:
+            return self.base
+        try:
+            st = os.stat(self.path)
+            stamp: object = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except FileNotFoundError:
+            stamp = "absent"
+        except OSError as exc:
+            stamp = f"unreadable: {exc}"
+        with self._lock:
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self._current, self.error = self._load()
+            return self._current
+
+    def _load(self) -> tuple[ImagePolicy, str | None]:
+        try:
+            extra = read_operator_images(self.path)  # type: ignore[arg-type]
+        except PolicyError as exc:
+            return self.base, f"operator image allowlist ignored until fixed: {exc}"
+        if not extra.entries:
+            return self.base, None
+        return ImagePolicy(allow_pull=self.base.allow_pull, names=(*self.base.names, *extra.names),
+                           digests=(*self.base.digests, *extra.digests)), None
