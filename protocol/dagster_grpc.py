@@ -6,6 +6,8 @@ PingReply{string echo = 1}. Everything else is relayed as opaque bytes.
 
 from __future__ import annotations
 
+import json
+
 SERVICE = "api.DagsterApi"
 PING = f"/{SERVICE}/Ping"
 LIST_REPOSITORIES = f"/{SERVICE}/ListRepositories"  # reply: string serialized_..._or_error = 1
@@ -29,6 +31,15 @@ def encode_echo(echo: str) -> bytes:
     """Encode a message whose only field is `string echo = 1` (PingRequest and PingReply)."""
     data = echo.encode()
     return b"\x0a" + _varint(len(data)) + data if data else b""
+
+
+def load_error_reply(message: str, *, cls_name: str = "AirlockLocationError") -> bytes:
+    """A ListRepositoriesReply whose payload is a serialized SerializableErrorInfo: Dagster raises it as the
+    location's load error (DagsterUserCodeProcessError), so the UI shows `message` where a code error would be.
+    The JSON is serdes's own shape for that type; a contract test reads it back with Dagster."""
+    info = {"__class__": "SerializableErrorInfo", "cause": None, "cls_name": cls_name, "context": None,
+            "message": message, "stack": []}
+    return encode_echo(json.dumps(info))  # string serialized_list_repositories_response_or_error = 1
 
 
 def decode_echo(message: bytes) -> str:

@@ -8,8 +8,8 @@ from typing import Any
 
 from appliance.agent.dispatcher import Handler, Starter
 from appliance.agent.grpc_replay import GrpcReplayer
-from appliance.agent.status import LocationStatus
-from protocol.dagster_grpc import DEFAULT_PORT
+from appliance.agent.status import LocationStatus, State
+from protocol.dagster_grpc import DEFAULT_PORT, LIST_REPOSITORIES, load_error_reply
 from protocol.grpc_calls import GrpcResult
 from protocol.work import SignedWork
 
@@ -48,7 +48,15 @@ def code_server_addresses(statuses: Mapping[str, LocationStatus]) -> dict[str, s
 
 def _address(payload: dict[str, Any], statuses: Callable[[], dict[str, LocationStatus]]) -> str | GrpcResult:
     location = payload.get("location")
-    address = code_server_addresses(statuses()).get(location) if isinstance(location, str) else None
+    current = statuses()
+    address = code_server_addresses(current).get(location) if isinstance(location, str) else None
+    status = current.get(location) if isinstance(location, str) else None
+    if address is None and status is not None and status.state is State.ERROR and status.error \
+            and payload.get("method") == LIST_REPOSITORIES:
+        # Dagster loads a location with ListRepositories first: answering with the reason makes it the
+        # location's load error in the UI, instead of "code server unreachable".
+        return GrpcResult((load_error_reply(f"airlock: code location {location!r} is not running on this "
+                                            f"appliance: {status.error}"),))
     if address is None:
         return GrpcResult.failure("UNAVAILABLE", f"location {location!r} has no code server on this appliance "
                                                  "(not desired here, or still starting)")

@@ -25,6 +25,7 @@ from typing import Any
 
 from controlplane.relay.scrub import CARRIES_INSTANCE_REF
 from controlplane.relay.server import GET_SERVER_ID, RELOADS, RelayLimits
+from protocol.dagster_grpc import LIST_REPOSITORIES
 from protocol.fastpath import log_child_line
 from protocol.grpc_calls import METHODS
 
@@ -34,9 +35,12 @@ log = logging.getLogger("airlock.relay.fastpath")
 
 # Relayed methods whose bytes the Python relay would pass through untouched: no InstanceRef to scrub, no
 # cached answer, no cache to drop. Everything else keeps taking the Python road, where those rules live.
+# ListRepositories too: where no code server runs, the agent answers it with the location's load error (an
+# image the appliance refused, a start that failed), which Dagster shows in the UI; that verdict is Python's.
 FAST_METHODS: tuple[str, ...] = tuple(sorted(
     m.path for m in METHODS
-    if m.relayed and m.path not in CARRIES_INSTANCE_REF and m.path != GET_SERVER_ID and m.path not in RELOADS
+    if m.relayed and m.path not in CARRIES_INSTANCE_REF and m.path not in (GET_SERVER_ID, LIST_REPOSITORIES)
+    and m.path not in RELOADS
 ))
 RESTART_DELAY = 1.0
 LISTEN_TIMEOUT = 10.0
