@@ -27,7 +27,7 @@ from appliance.agent.results import ResultBatcher
 from appliance.agent.runs import RunManager
 from appliance.agent.status import write_status
 from appliance.agent.transport import GatewayClient
-from appliance.policy import Location, Policy, PolicyError, locations_from_data
+from appliance.policy import DesiredSet, Location, Policy, PolicyError, desired_set_from_data
 from protocol.files import write_atomic
 from protocol.work import SignedWork, WorkKind, failed_result, ok_result
 
@@ -36,40 +36,53 @@ DESIRED_FILE = "desired.json"
 
 
 class DesiredLocations:
-    """The last desired set the control plane sent, validated against local policy, kept on disk."""
+    """The last desired set the control plane sent, checked against local policy location by location, on disk.
+
+    A refused entry affects only its own location: one that was accepted before keeps its last accepted spec
+    (its code server goes on as it was), a new one is reported in ERROR with the reason. Only a set whose
+    envelope is broken (no version, no list) is refused whole, and then nothing changes.
+    """
 
     def __init__(self, state_dir: str, policy: Policy) -> None:
         self.path, self.policy = Path(state_dir) / DESIRED_FILE, policy
         self._lock = threading.Lock()
         self.locations: tuple[Location, ...] = ()
+        self.refused: dict[str, str] = {}
         if self.path.exists():
             try:
-                self.locations = self._validate(json.loads(self.path.read_text()))
+                checked = self._check(json.loads(self.path.read_text()))
+                self.locations, self.refused = checked.accepted, dict(checked.refused)
             except (PolicyError, ValueError) as exc:
                 log.error("ignoring the stored desired locations: %s", exc)
 
-    def _validate(self, data: Any) -> tuple[Location, ...]:
+    def _check(self, data: Any) -> DesiredSet:
         """The payload is {deployment, queue, as_of, locations: [...]}; each entry in locations.yaml's shape."""
         entries = data.get("locations") if isinstance(data, dict) else None
-        return locations_from_data({"version": 1, "locations": entries}, self.policy,
-                                   source="control plane RECONCILE_LOCATIONS")
+        return desired_set_from_data({"version": 1, "locations": entries}, self.policy,
+                                     source="control plane RECONCILE_LOCATIONS")
 
-    def update(self, data: Any) -> tuple[Location, ...]:
+    def update(self, data: Any) -> DesiredSet:
         try:
-            locations = self._validate(data)
+            checked = self._check(data)
         except PolicyError as exc:
             raise HandlerError(f"refused by this appliance's policy: {exc}") from None
         with self._lock:
+            previous = {loc.name: loc for loc in self.locations}
+            kept = tuple(previous[name] for name in checked.refused if name in previous)
             write_atomic(self.path, json.dumps(data), mode=0o600)
-            self.locations = locations
-        return locations
+            self.locations = checked.accepted + kept
+            self.refused = dict(checked.refused)
+        for name, reason in checked.refused.items():
+            log.warning("location %s refused by this appliance's policy%s: %s", name,
+                        " (its last accepted spec stays)" if name in previous else "", reason)
+        return checked
 
 
 def reconcile_locations_handler(desired: DesiredLocations, wake: threading.Event) -> Handler:
     def handle(work: SignedWork) -> dict[str, Any]:
-        locations = desired.update(json.loads(work.payload))
+        checked = desired.update(json.loads(work.payload))
         wake.set()
-        return {"accepted": [loc.name for loc in locations]}
+        return {"accepted": [loc.name for loc in checked.accepted], "refused": dict(checked.refused)}
 
     return handle
 
@@ -117,7 +130,8 @@ class ConnectedAgent:
 
     def _reconcile_once(self) -> None:
         try:
-            write_status(self.state_dir, self.reconciler.reconcile(self.desired.locations))
+            write_status(self.state_dir, self.reconciler.reconcile(self.desired.locations,
+                                                                   refused=self.desired.refused))
         except Exception as exc:  # a failed pass is retried on the next tick
             log.warning("reconcile pass failed, will retry: %s", exc)
         if self.fastpath is not None:

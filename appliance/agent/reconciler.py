@@ -8,8 +8,9 @@ backoff; a location in ERROR is retried, never pinned there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -56,8 +57,12 @@ class Reconciler:
     statuses: dict[str, LocationStatus] = field(default_factory=dict)
     _known: set[str] = field(default_factory=set)  # container ids this process has seen
 
-    def reconcile(self, locations: tuple[Location, ...]) -> ApplianceStatus:
+    def reconcile(self, locations: tuple[Location, ...], *,
+                  refused: Mapping[str, str] | None = None) -> ApplianceStatus:
+        """One pass. `refused`: locations local policy refused (name -> why); one still in `locations` keeps its
+        last accepted spec running and carries the refusal as its error, a new one is ERROR with the reason."""
         desired = {loc.name: loc for loc in locations}
+        refused = dict(refused or {})
         specs: dict[str, ContainerSpec] = {}
         subnets: dict[str, list[str]] = {}
         for name, location in desired.items():
@@ -110,8 +115,17 @@ class Reconciler:
             if name in specs and self.backoff.ready(name):
                 self._create(specs[name], desired[name])
         for name in list(self.statuses):
-            if name not in desired:
+            if name not in desired and name not in refused:
                 del self.statuses[name]
+        for name, reason in refused.items():
+            why = f"refused by this appliance's policy: {reason}"
+            if name not in desired:
+                self._set(name, State.ERROR, error=why)
+            else:  # the previous spec still serves; say why the new one does not
+                status = self.statuses.get(name)
+                if status is not None:
+                    self.statuses[name] = dataclasses.replace(status, error=f"update {why}; the previous spec "
+                                                                            f"keeps running")
         self._remove_orphan_networks(set(desired))
         return ApplianceStatus(self.engine.appliance_id, now(), dict(self.statuses))
 

@@ -1,6 +1,13 @@
 """Policy as data: versioned YAML files -> validated, immutable model. See policy/*.yaml."""
 
-from appliance.policy.loader import canonical_seccomp, load_locations, load_policy, locations_from_data
+from appliance.policy.loader import (
+    DesiredSet,
+    canonical_seccomp,
+    desired_set_from_data,
+    load_locations,
+    load_policy,
+    locations_from_data,
+)
 from appliance.policy.model import (
     Bounds,
     EgressAllow,
@@ -16,6 +23,7 @@ from protocol.errors import PolicyError
 
 __all__ = [
     "Bounds",
+    "DesiredSet",
     "EgressAllow",
     "EgressPolicy",
     "Hardening",
@@ -26,6 +34,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "canonical_seccomp",
+    "desired_set_from_data",
     "load_locations",
     "load_policy",
     "locations_from_data",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,9 @@ from protocol.errors import PolicyError
 from protocol.fields import SUPPORTED_VERSION, Fields, check_version
 from protocol.locations import LOCATION_NAME, parse_location
 
-__all__ = ["LOCATION_NAME", "SUPPORTED_VERSION", "canonical_seccomp", "limits_problem", "load_locations", "load_policy",
-           "locations_from_data", "locations_from_fields", "read_yaml"]
+__all__ = ["LOCATION_NAME", "SUPPORTED_VERSION", "DesiredSet", "canonical_seccomp", "desired_set_from_data",
+           "limits_problem", "load_locations", "load_policy", "locations_from_data", "locations_from_fields",
+           "read_yaml"]
 
 _USER = re.compile(r"^(\d+)(?::(\d+))?$")
 
@@ -191,6 +194,36 @@ def locations_from_data(data: Any, policy: Policy, *, source: str) -> tuple[Loca
     fields = Fields(source, data)
     check_version(fields)
     return locations_from_fields(fields, policy)
+
+
+@dataclass(frozen=True)
+class DesiredSet:
+    """A desired set checked entry by entry: the locations this appliance accepts, and the reason for each it
+    refuses. One location over its bounds must not take the others down with it."""
+
+    accepted: tuple[Location, ...]
+    refused: Mapping[str, str]  # location name (or "locations[i]" when it has no usable name) -> why
+
+
+def desired_set_from_data(data: Any, policy: Policy, *, source: str) -> DesiredSet:
+    """Check a desired set from the control plane; only its envelope (version, the list) refuses it whole."""
+    fields = Fields(source, data)
+    check_version(fields)
+    accepted: dict[str, Location] = {}
+    refused: dict[str, str] = {}
+    for i, entry in enumerate(fields.children("locations")):
+        raw_name = entry.data.get("name")
+        name = raw_name if isinstance(raw_name, str) and re.fullmatch(LOCATION_NAME, raw_name) else f"locations[{i}]"
+        if name in accepted or name in refused:
+            refused[name] = str(entry.error("name", f"duplicate location name {name!r}"))
+            accepted.pop(name, None)
+            continue
+        try:
+            accepted[name] = _location(entry, policy)
+        except PolicyError as exc:
+            refused[name] = str(exc)
+    fields.done()
+    return DesiredSet(tuple(accepted.values()), refused)
 
 
 def locations_from_fields(f: Fields, policy: Policy) -> tuple[Location, ...]:

@@ -31,8 +31,11 @@ class FakeReconciler:
     seen: list[tuple[str, ...]] = field(default_factory=list)
     statuses: dict[str, LocationStatus] = field(default_factory=dict)
 
-    def reconcile(self, locations: tuple[Location, ...]) -> ApplianceStatus:
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def reconcile(self, locations: tuple[Location, ...], *, refused: dict[str, str] | None = None) -> ApplianceStatus:
         self.seen.append(tuple(loc.name for loc in locations))
+        self.refused = dict(refused or {})
         self.statuses = {loc.name: LocationStatus(loc.name, State.LOADED) for loc in locations}
         return ApplianceStatus("t", time.time(), dict(self.statuses))
 
@@ -86,7 +89,7 @@ def test_desired_locations_arrive_by_signed_work_and_survive_restart(world) -> N
     app, _, reconciler, state = world
     item = app.state.queue.enqueue("prod", "default", "RECONCILE_LOCATIONS", desired("alpha", "beta"))
     result = _result(app, item)
-    assert result.status == "done" and result.result == {"accepted": ["alpha", "beta"]}
+    assert result.status == "done" and result.result == {"accepted": ["alpha", "beta"], "refused": {}}
     deadline = time.monotonic() + 5
     while ("alpha", "beta") not in reconciler.seen and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -95,12 +98,33 @@ def test_desired_locations_arrive_by_signed_work_and_survive_restart(world) -> N
     assert [loc.name for loc in reloaded.locations] == ["alpha", "beta"]
 
 
-def test_control_plane_cannot_loosen_past_local_policy(world) -> None:
+def test_control_plane_cannot_loosen_past_local_policy_and_a_refusal_stays_with_its_location(world) -> None:
+    app, agent, reconciler, _ = world
+    over = desired("alpha", memory="64g")
+    both = {"version": 1, "locations": desired("beta")["locations"] + over["locations"]}
+    result = _result(app, app.state.queue.enqueue("prod", "default", "RECONCILE_LOCATIONS", both))
+    assert result.status == "done" and result.result["accepted"] == ["beta"]
+    assert "bounds.memory_max" in result.result["refused"]["alpha"]
+    assert [loc.name for loc in agent.desired.locations] == ["beta"]  # beta is not held back by alpha
+    deadline = time.monotonic() + 5
+    while "alpha" not in reconciler.refused and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "bounds.memory_max" in reconciler.refused["alpha"]  # the reconciler reports it for that location
+
+    # An accepted location whose update is refused keeps its last accepted spec: it was, and stays, running.
+    bigger = desired("beta", memory="64g")
+    result = _result(app, app.state.queue.enqueue("prod", "default", "RECONCILE_LOCATIONS", bigger))
+    assert result.status == "done" and result.result["accepted"] == [] and "beta" in result.result["refused"]
+    [kept] = agent.desired.locations
+    assert kept.name == "beta" and kept.limits.memory == 512 * 1024 * 1024
+
+
+def test_a_desired_set_without_its_envelope_is_refused_whole_and_changes_nothing(world) -> None:
     app, agent, _, _ = world
-    item = app.state.queue.enqueue("prod", "default", "RECONCILE_LOCATIONS", desired("alpha", memory="64g"))
-    result = _result(app, item)
-    assert result.status == "failed" and "bounds.memory_max" in result.error
-    assert agent.desired.locations == ()
+    _result(app, app.state.queue.enqueue("prod", "default", "RECONCILE_LOCATIONS", desired("alpha")))
+    result = _result(app, app.state.queue.enqueue("prod", "default", "RECONCILE_LOCATIONS", {"locations": "x"}))
+    assert result.status == "failed" and "must be a list" in result.error
+    assert [loc.name for loc in agent.desired.locations] == ["alpha"]
 
 
 def test_unknown_work_is_answered_not_dropped(world) -> None:
@@ -160,7 +184,7 @@ class ClosingChannel:
 
 
 class ServingReconciler(FakeReconciler):
-    def reconcile(self, locations: tuple[Location, ...]) -> ApplianceStatus:
+    def reconcile(self, locations: tuple[Location, ...], *, refused: dict[str, str] | None = None) -> ApplianceStatus:
         self.statuses = {"loc": LocationStatus("loc", State.LOADED, container="airlock-loc-1"),
                          "starting": LocationStatus("starting", State.LOADING)}
         return ApplianceStatus("t", time.time(), dict(self.statuses))

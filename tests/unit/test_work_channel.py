@@ -341,7 +341,7 @@ def test_durable_work_arrives_signed_over_the_channel_and_is_completed_in_the_qu
     while (result := queue.result(item)) is None:
         assert time.monotonic() < deadline, "no result for the queued item"
         time.sleep(0.02)
-    assert result.status == "done" and result.result == {"accepted": []}
+    assert result.status == "done" and result.result == {"accepted": [], "refused": {}}
 
 
 def test_a_channel_that_goes_away_is_reopened_and_calls_keep_working(stack: Stack) -> None:
