@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from controlplane.db import create_engine
+from controlplane.deploy import deploy, observed_state
 from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import DEFAULT_PORT_RANGE, DEFAULT_QUEUE, LocationRecord, Registry
@@ -155,14 +156,35 @@ def _as_dict(r: LocationRecord) -> dict[str, Any]:
 
 def cmd_location_list(ctx: _Context) -> int:
     records = ctx.registry.list(ctx.args.deployment)
+    states = {(r.deployment, r.spec.name): observed_state(ctx.store, r)[:2] for r in records}
     if ctx.args.json:
-        print(json.dumps([_as_dict(r) for r in records], indent=2))
+        print(json.dumps([{**_as_dict(r), "state": states[(r.deployment, r.spec.name)][0],
+                           "error": states[(r.deployment, r.spec.name)][1]} for r in records], indent=2))
         return 0
-    print(f"{'NAME':<24} {'QUEUE':<12} {'PORT':<6} {'VER':<4} {'TARGET':<32} IMAGE")
+    print(f"{'NAME':<24} {'STATE':<9} {'QUEUE':<12} {'PORT':<6} {'VER':<4} {'TARGET':<32} IMAGE")
     for r in records:
         target = f"module:{r.spec.module}" if r.spec.module else f"package:{r.spec.package}"
-        print(f"{r.spec.name:<24} {r.spec.queue:<12} {r.relay_port:<6} {r.version:<4} {target:<32} {r.spec.image}")
+        state, error = states[(r.deployment, r.spec.name)]
+        print(f"{r.spec.name:<24} {state:<9} {r.spec.queue:<12} {r.relay_port:<6} {r.version:<4} {target:<32} "
+              f"{r.spec.image}")
+        for line in (error or "").splitlines()[-6:]:
+            print(f"    {line}")
     return 0
+
+
+def cmd_deploy(ctx: _Context) -> int:
+    """Add or replace the locations of a dagster_cloud.yaml, then wait until each is LOADED (or say why not)."""
+    result = deploy(ctx.registry, ctx.store, ctx.args.file, ctx.args.deployment, wait_seconds=ctx.args.wait,
+                    on_change=lambda: _after_change(ctx))
+    for o in result.outcomes:
+        print(f"{o.name}: {o.change}, {o.state}")
+        for line in (o.error or "").splitlines()[-12:] if o.state != "LOADED" else ():
+            print(f"    {line}")
+    if not result.ok:
+        print(f"airlock-cp: deploy failed: {', '.join(o.name for o in result.outcomes if o.state != 'LOADED')} "
+              "not LOADED (`airlock-cp location list` shows the state; the Dagster UI the load error)",
+              file=sys.stderr)
+    return 0 if result.ok else 1
 
 
 def cmd_apply(ctx: _Context) -> int:
@@ -301,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = location.add_parser("list", parents=[deployment])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_location_list)
+
+    p = sub.add_parser("deploy", parents=[deployment], help="add or replace the locations of a dagster_cloud.yaml, "
+                       "then wait until each is LOADED (non-zero exit if one is not)")
+    p.add_argument("file", help="a dagster_cloud.yaml (Dagster+'s format; see controlplane/deploy.py)")
+    p.add_argument("--wait", type=_duration, default=300.0, help="how long to wait for LOADED (default 300s)")
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("apply", parents=[deployment], help="make the deployment's locations equal a locations.yaml")
     p.add_argument("file")

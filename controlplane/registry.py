@@ -206,6 +206,18 @@ class Registry:
         self.publish(deployment, spec.queue, old.spec.queue)
         return record
 
+    def put(self, deployment: str, entry: Mapping[str, Any], *, source: str) -> tuple[LocationRecord, str]:
+        """Add the location, or replace its whole spec: ("added" | "updated" | "unchanged")."""
+        spec = parse_spec(Fields(source, entry))
+        with self._write(source) as conn:
+            old = next(iter(self._rows(conn, deployment, spec.name)), None)
+            if old is not None and old.spec == spec:
+                return old, "unchanged"
+            record = (self._replace(conn, old, spec) if old is not None
+                      else self._insert(conn, deployment, spec, self._free_ports(conn, 1, source)[0]))
+        self.publish(deployment, spec.queue, *((old.spec.queue,) if old is not None else ()))
+        return record, "added" if old is None else "updated"
+
     def remove(self, deployment: str, name: str, *, source: str = "location remove") -> None:
         with self._write(source) as conn:
             old = self._rows(conn, deployment, name, required_by=source)[0]

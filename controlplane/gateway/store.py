@@ -90,6 +90,19 @@ class AuditEntry:
     reason: str
 
 
+@dataclass(frozen=True)
+class LocationState:
+    """One agent's last word on one location: LOADING, LOADED or ERROR, with the reason when there is one."""
+
+    agent_id: str
+    queues: tuple[str, ...]
+    name: str
+    state: str
+    error: str | None
+    seen: float
+    container: str | None = None  # the code server container serving it: a new one after a change of spec
+
+
 class EnrollmentError(PermanentError):
     """The enrollment token is unknown, used or expired (the message says which)."""
 
@@ -197,6 +210,26 @@ class AgentStore:
                 agents.c.deployment == deployment, agents.c.status == "active",
                 agents.c.last_seen >= self.clock() - within_seconds)).all()
         return sum(1 for row in rows if queue in json.loads(row.labels))
+
+    def location_states(self, deployment: str, *, within_seconds: float = 60.0) -> list[LocationState]:
+        """What each live agent of the deployment last said about its locations (its heartbeat), newest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(agents.c.id, agents.c.labels, agents.c.last_seen, agents.c.heartbeat).where(
+                agents.c.deployment == deployment, agents.c.status == "active",
+                agents.c.last_seen >= self.clock() - within_seconds).order_by(agents.c.last_seen.desc())).all()
+        out = []
+        for row in rows:
+            try:
+                beat = json.loads(row.heartbeat or "{}")
+            except ValueError:
+                continue
+            for loc in beat.get("locations") or []:
+                if isinstance(loc, dict) and isinstance(loc.get("name"), str):
+                    out.append(LocationState(agent_id=row.id, queues=tuple(json.loads(row.labels)),
+                                             name=loc["name"], state=str(loc.get("state") or "UNKNOWN"),
+                                             error=loc.get("error") or None, seen=row.last_seen,
+                                             container=loc.get("container") or None))
+        return out
 
     def list_agents(self) -> list[dict]:
         """Every agent with its keys: the current one, and old ones with the time they stop (or stopped) working."""
