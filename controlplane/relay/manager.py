@@ -17,6 +17,7 @@ from controlplane.gateway.queue import WorkQueue
 from controlplane.gateway.store import AgentStore
 from controlplane.registry import Registry
 from controlplane.relay.calls import ChannelCalls
+from controlplane.relay.compat import check_answer
 from controlplane.relay.fastpath import FastPathEdge
 from controlplane.relay.scrub import scrub_instance_ref
 from controlplane.relay.server import CallQueue, RelayServer, WorkQueueCalls
@@ -66,7 +67,7 @@ async def serve(registry: Registry, queue: WorkQueue, store: AgentStore, host: s
                 calls = ChannelCalls(hub, calls, deployment, queue_name)
             public = f"{host}:{record.relay_port}"
             server = RelayServer(record.spec.name, calls, address="127.0.0.1:0" if edge else public,
-                                 rewrite=scrub_instance_ref)
+                                 rewrite=scrub_instance_ref, check=check_answer)
             try:
                 internal = await server.start()
                 if edge is not None:

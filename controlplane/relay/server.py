@@ -137,9 +137,11 @@ class LocationRelay(grpc.GenericRpcHandler):
         self, location: str, calls: CallQueue, limits: RelayLimits | None = None,
         *, clock: Callable[[], float] = time.monotonic,
         rewrite: Callable[[str, bytes], bytes] = lambda _method, request: request,
+        check: Callable[[str, GrpcResult], GrpcResult] = lambda _method, result: result,
     ) -> None:
         self.location = location
         self._rewrite = rewrite  # e.g. scrub.scrub_instance_ref: what must not reach the user side
+        self._check = check  # e.g. compat.check_answer: a location on a Dagster outside the window
         self._calls = calls
         self._limits = limits or RelayLimits()
         self._clock = clock
@@ -234,7 +236,7 @@ class LocationRelay(grpc.GenericRpcHandler):
             self._server_id = (self._clock() + self._limits.server_id_cache_seconds, result)
         elif method.path in RELOADS:
             self._server_id = None
-        return result
+        return self._check(method.path, result)
 
 
 class RelayServer:
@@ -243,8 +245,10 @@ class RelayServer:
     def __init__(
         self, location: str, calls: CallQueue, *, address: str = "127.0.0.1:0", limits: RelayLimits | None = None,
         rewrite: Callable[[str, bytes], bytes] | None = None,
+        check: Callable[[str, GrpcResult], GrpcResult] | None = None,
     ) -> None:
-        self.handler = LocationRelay(location, calls, limits, **({"rewrite": rewrite} if rewrite else {}))
+        self.handler = LocationRelay(location, calls, limits, **({"rewrite": rewrite} if rewrite else {}),
+                                     **({"check": check} if check else {}))
         self._address = address
         self._server: grpc.aio.Server | None = None
         self.port = 0

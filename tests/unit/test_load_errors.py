@@ -85,3 +85,30 @@ def test_dagsters_own_loader_shows_the_reason_as_the_locations_load_error() -> N
     finally:
         asyncio.run_coroutine_threadsafe(relay.stop(0), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
+
+
+# -- the Dagster version window ----------------------------------------------------------------------------
+def _list_repositories_reply(version: str) -> GrpcResult:
+    from dagster._grpc.types import ListRepositoriesResponse
+    from dagster._serdes import serialize_value
+
+    from protocol.dagster_grpc import encode_echo
+
+    response = ListRepositoriesResponse([], dagster_library_versions={"dagster": version})
+    return GrpcResult((encode_echo(serialize_value(response)),))
+
+
+@pytest.mark.parametrize(("location", "ok"), [("1.13.27", True), ("1.13.0", True), ("1.10.3", True),
+                                              ("1.9.11", False), ("1.14.0", False), ("2.0.0", False)])
+def test_a_location_outside_the_dagster_window_loads_with_that_reason(location: str, ok: bool) -> None:
+    from dagster._grpc.__generated__.dagster_api_pb2 import ListRepositoriesReply
+
+    from controlplane.relay.compat import check_answer
+
+    answer = _list_repositories_reply(location)
+    checked = check_answer(LIST_REPOSITORIES, answer, control_plane="1.13.27")
+    assert (checked is answer) is ok
+    if not ok:
+        text = ListRepositoriesReply.FromString(checked.responses[0]).serialized_list_repositories_response_or_error
+        assert f"runs Dagster {location}" in text and "1.10.0 to 1.13.x" in text and "AirlockVersionError" in text
+    assert check_answer(PING, answer, control_plane="1.13.27") is answer  # other methods are never touched
