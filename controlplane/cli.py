@@ -174,8 +174,14 @@ def cmd_location_list(ctx: _Context) -> int:
 
 def cmd_deploy(ctx: _Context) -> int:
     """Add or replace the locations of a dagster_cloud.yaml, then wait until each is LOADED (or say why not)."""
+    images = {}
+    for item in ctx.args.image:
+        name, sep, ref = item.partition("=")
+        if not sep or not name or not ref:
+            raise UsageError("deploy", f"--image {item!r}: give LOCATION=IMAGE, e.g. acme=sha256:<id>")
+        images[name] = ref
     result = deploy(ctx.registry, ctx.store, ctx.args.file, ctx.args.deployment, wait_seconds=ctx.args.wait,
-                    on_change=lambda: _after_change(ctx))
+                    images=images, on_change=lambda: _after_change(ctx))
     for o in result.outcomes:
         print(f"{o.name}: {o.change}, {o.state}")
         for line in (o.error or "").splitlines()[-12:] if o.state != "LOADED" else ():
@@ -328,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "then wait until each is LOADED (non-zero exit if one is not)")
     p.add_argument("file", help="a dagster_cloud.yaml (Dagster+'s format; see controlplane/deploy.py)")
     p.add_argument("--wait", type=_duration, default=300.0, help="how long to wait for LOADED (default 300s)")
+    p.add_argument("--image", action="append", default=[], metavar="LOCATION=IMAGE",
+                   help="the image CI just built for a location, instead of the file's (repeatable)")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("apply", parents=[deployment], help="make the deployment's locations equal a locations.yaml")

@@ -20,7 +20,7 @@ What maps, and what is refused (never silently ignored):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,13 +99,17 @@ def _entry(loc: Fields) -> dict[str, Any]:
     return entry
 
 
-def observed_state(store: AgentStore, record: LocationRecord) -> tuple[str, str | None, str | None]:
-    """(state, error, container) as the live agents serving the location's queue last reported it."""
+def observed_state(store: AgentStore, record: LocationRecord, *,
+                   since: float | None = None) -> tuple[str, str | None, str | None]:
+    """(state, error, container) as the live agents serving the location's queue last reported it; an ERROR
+    reported before `since` reads as LOADING (not yet a verdict)."""
     states = [s for s in store.location_states(record.deployment)
               if s.name == record.spec.name and record.spec.queue in s.queues]
     if not states:
         return "NO AGENT", None, None
     worst = next((s for s in states if s.state == "ERROR"), None) or states[0]
+    if worst.state == "ERROR" and since is not None and worst.seen < since:
+        return "LOADING", worst.error, worst.container
     return worst.state, worst.error, worst.container
 
 
@@ -127,14 +131,23 @@ class DeployResult:
 
 
 def deploy(registry: Registry, store: AgentStore, path: str | Path, deployment: str, *, wait_seconds: float = 300.0,
-           on_change: Callable[[], object] = lambda: None, clock: Callable[[], float] = time.monotonic,
-           sleep: Callable[[float], None] = time.sleep, poll_seconds: float = 2.0) -> DeployResult:
+           images: Mapping[str, str] | None = None, on_change: Callable[[], object] = lambda: None,
+           clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+           poll_seconds: float = 2.0, settle_seconds: float = 15.0) -> DeployResult:
     """Add or replace the file's locations, then wait (up to `wait_seconds`) until each is LOADED or in ERROR.
 
+    `images`: location name -> image, replacing the file's (what CI knows once it has built the image).
     A location counts as deployed once its agent reports it LOADED from a code server other than the one that
-    served it before the change (an unchanged location: the one it has). ERROR ends the wait for that one.
+    served it before the change (an unchanged location: the one it has). ERROR ends the wait for that one only
+    when an agent reports it `settle_seconds` after the change: an ERROR from before (an image the operator
+    has just allowed) is not the verdict on this deploy.
     """
     entries = read_deploy_file(path)
+    unknown = sorted(set(images or {}) - {e["name"] for e in entries})
+    if unknown:
+        raise PolicyError(str(path), "locations", f"--image names {', '.join(unknown)}, which the file does not list")
+    entries = tuple({**e, "image": (images or {}).get(e["name"], e["image"])} for e in entries)
+    started = store.clock()
     before = {r.spec.name: observed_state(store, r)[2] for r in registry.list(deployment)}
     changes: dict[str, tuple[LocationRecord, str]] = {}
     for entry in entries:
@@ -146,7 +159,7 @@ def deploy(registry: Registry, store: AgentStore, path: str | Path, deployment: 
     result = DeployResult()
     while True:
         for name, (record, change) in list(pending.items()):
-            state, error, container = observed_state(store, record)
+            state, error, container = observed_state(store, record, since=started + settle_seconds)
             fresh = change == "unchanged" or (container is not None and container != before.get(name))
             if state == "ERROR" or (state == "LOADED" and fresh):
                 result.outcomes.append(DeployOutcome(name, change, state, error))
@@ -155,9 +168,9 @@ def deploy(registry: Registry, store: AgentStore, path: str | Path, deployment: 
             break
         sleep(poll_seconds)
     for name, (record, change) in pending.items():
-        state, error, _ = observed_state(store, record)
-        result.outcomes.append(DeployOutcome(name, change, "LOADING" if state == "LOADED" else state,
-                                             error or f"not LOADED within {wait_seconds:.0f} s"))
+        state, error, _ = observed_state(store, record, since=started + settle_seconds)
+        timed_out = f"not LOADED within {wait_seconds:.0f} s" + (f"; last reported: {error}" if error else "")
+        result.outcomes.append(DeployOutcome(name, change, "LOADING" if state == "LOADED" else state, timed_out))
     order = list(changes)
     result.outcomes.sort(key=lambda o: order.index(o.name))
     return result

@@ -48,6 +48,7 @@ class ImageSpec:
     packages: str = "images/base/packages.txt"  # rootfs only: the Debian packages debootstrap includes
     cargo_lock: str | None = None  # Cargo.lock -> vendor/ + .cargo/config.toml in the context
     needs: dict[str, str] = field(default_factory=dict)  # build arg -> ImageSpec name whose tag it gets
+    userland_wheel: bool = False  # images/userland_wheel.py's wheel -> userland-wheel/ in the context
 
 
 IMAGES: dict[str, ImageSpec] = {
@@ -77,9 +78,8 @@ IMAGES: dict[str, ImageSpec] = {
             dockerfile="images/usercode-base/Dockerfile",
             base="base",
             lock="requirements/usercode.lock",
+            userland_wheel=True,  # installed as users install it (docs/USER_CODE.md), and kept for them to copy
             copy={
-                "userland": "src/userland",
-                "protocol": "src/protocol",
                 "images/ensure-python.sh": "images/ensure-python.sh",
                 "images/install-venv.sh": "images/install-venv.sh",
             },
@@ -221,6 +221,11 @@ def stage(spec: ImageSpec) -> Path:
         _copy(lock, ctx / "requirements.lock")
         for wheel in wheelhouse(lock).glob("*.whl"):
             _copy(wheel, ctx / "wheels" / wheel.name)
+    if spec.userland_wheel:
+        sys.path.insert(0, str(ROOT / "images"))
+        from userland_wheel import build_wheel  # deterministic: the same sources give the same bytes
+
+        build_wheel(ctx / "userland-wheel")
     if spec.cargo_lock:
         vendor = cargo_vendor(ROOT / spec.cargo_lock)
         for crate in vendor.iterdir():

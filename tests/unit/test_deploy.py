@@ -99,13 +99,21 @@ def test_deploy_waits_for_each_location_on_a_new_code_server_and_reports_errors(
 
     changed: list[bool] = []
     result = deploy(registry, store, tmp_path / "dagster_cloud.yaml", "prod", wait_seconds=60,
-                    on_change=lambda: changed.append(True), sleep=sleep)
+                    on_change=lambda: changed.append(True), sleep=sleep, settle_seconds=0)
     assert changed == [True]
     assert [(o.name, o.change, o.state) for o in result.outcomes] == [("etl", "added", "LOADED"),
                                                                       ("reports", "added", "ERROR")]
     assert "ImportError" in (result.outcomes[1].error or "") and not result.ok
-    again = deploy(registry, store, tmp_path / "dagster_cloud.yaml", "prod", wait_seconds=0, sleep=sleep)
+    again = deploy(registry, store, tmp_path / "dagster_cloud.yaml", "prod", wait_seconds=0, sleep=sleep,
+                   settle_seconds=3600)
     assert [o.change for o in again.outcomes] == ["unchanged", "unchanged"]
+    # reports' ERROR came before this deploy: not its verdict yet, so it is still waited on (here: timed out)
+    assert [o.state for o in again.outcomes] == ["LOADED", "LOADING"]
+    moved = deploy(registry, store, tmp_path / "dagster_cloud.yaml", "prod", wait_seconds=0, sleep=sleep,
+                   images={"etl": IMAGE2})
+    assert moved.outcomes[0].change == "updated" and registry.get("prod", "etl").spec.image == IMAGE2
+    with pytest.raises(PolicyError, match="--image names nope"):
+        deploy(registry, store, tmp_path / "dagster_cloud.yaml", "prod", images={"nope": IMAGE2})
 
 
 def test_a_bad_file_changes_nothing_and_the_cli_exits_non_zero(world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -1,0 +1,1 @@
+"""Acme's pipelines: order ingestion and reporting, as a Dagster project laid out in modules."""
