@@ -16,16 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 from docker.models.containers import Container
 
 from appliance import labels
+from appliance.agent.backoff import Backoff
 from appliance.agent.dispatcher import HandlerError
-from appliance.launcher.engine import Engine, LauncherError
+from appliance.launcher.engine import Engine, EngineUnavailable, LauncherError
 from appliance.launcher.spec import run_container_name, run_spec
 from appliance.metadata.tokens import RunScope, RunTokens
 from appliance.policy import Location, Policy
@@ -60,6 +62,9 @@ class RunManager:
     relay: RelayControl
     locations: Callable[[], tuple[Location, ...]]  # what is desired here now
     egress_port: int
+    launch_retry_seconds: float = 60.0  # how long a launch is tried again after temporary engine failures
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -67,27 +72,57 @@ class RunManager:
 
     # -- work handlers ---------------------------------------------------------------------------------
     def launch(self, work: SignedWork) -> dict[str, Any]:
+        """Start the run's container. A temporary failure (engine or sockguard 5xx, no answer) is tried again
+        with backoff for up to `launch_retry_seconds`; a launch that finally fails ends the run at once, with
+        the reason in its event log (an exit report through the metadata relay), instead of leaving it STARTING
+        until Dagster's start timeout."""
         payload = _payload(work, "run_id", "location", "execute_run_args")
         run_id, location_name = payload["run_id"], payload["location"]
         location = next((loc for loc in self.locations() if loc.name == location_name), None)
         if location is None:
             raise HandlerError(f"location {location_name!r} is not served by this appliance")
+        backoff = Backoff(base=0.5, cap=8.0, clock=self.clock)
+        deadline = self.clock() + self.launch_retry_seconds
+        while True:
+            try:
+                return self._launch_once(run_id, location, payload["execute_run_args"])
+            except EngineUnavailable as exc:
+                delay = backoff.failed(run_id)
+                if self.clock() + delay > deadline:
+                    self._launch_failed(run_id, location_name, f"{exc} (still failing after "
+                                        f"{backoff.failures(run_id)} tries in {self.launch_retry_seconds:.0f} s)")
+                log.warning("run %s: launch failed for a temporary reason (%s); trying again in %.1f s",
+                            run_id, exc, delay)
+                self.sleep(delay)
+            except (LauncherError, ValueError) as exc:
+                self._launch_failed(run_id, location_name, str(exc))
+
+    def _launch_once(self, run_id: str, location: Location, execute_run_args: str) -> dict[str, Any]:
         name = run_container_name(self.engine.appliance_id, run_id)
         existing = self._find(run_id)
-        if existing is not None:
+        if existing is not None and (existing.attrs.get("State") or {}).get("Status") != "created":
             log.info("run %s: container %s already exists (LAUNCH_RUN delivered again)", run_id, name)
             return {"container": existing.name, "already": True}
-        try:
-            image_id = self.engine.resolve_image(location.image)
-            token = self.tokens.mint(RunScope(run_id=run_id, location=location_name))
-            spec = run_spec(location, self.policy, appliance_id=self.engine.appliance_id, image_id=image_id,
-                            run_id=run_id, execute_run_args=payload["execute_run_args"], token=token,
-                            egress_port=self.egress_port)
-            container = self.engine.start(spec)
-        except (LauncherError, ValueError) as exc:
-            raise HandlerError(f"run {run_id} not started: {exc}") from None
-        log.info("run %s (%s): started %s", run_id, location_name, spec.name)
+        if existing is not None:  # created by a try whose answer was lost, never started: start afresh
+            self.engine.remove(existing)
+        image_id = self.engine.resolve_image(location.image)
+        token = self.tokens.mint(RunScope(run_id=run_id, location=location.name))
+        spec = run_spec(location, self.policy, appliance_id=self.engine.appliance_id, image_id=image_id,
+                        run_id=run_id, execute_run_args=execute_run_args, token=token, egress_port=self.egress_port)
+        container = self.engine.start(spec)
+        log.info("run %s (%s): started %s", run_id, location.name, spec.name)
         return {"container": container.name}
+
+    def _launch_failed(self, run_id: str, location: str, reason: str) -> NoReturn:
+        """End the run now: the exit report fails it on the control plane, behind anything it already wrote."""
+        why = f"the appliance could not start the run's container: {reason}"
+        log.warning("run %s: %s", run_id, why)
+        try:
+            self.relay.exited(run_id, {"location": location, "exit_code": None, "oom_killed": False,
+                                       "log_tail": "", "reason": why})
+        except httpx.HTTPError as exc:  # the work item's failure still says why; run monitoring ends the run
+            log.warning("run %s: the metadata relay did not take the launch failure: %s", run_id, exc)
+        raise HandlerError(f"run {run_id} not started: {reason}")
 
     def terminate(self, work: SignedWork) -> dict[str, Any]:
         payload = _payload(work, "run_id")

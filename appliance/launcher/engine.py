@@ -11,12 +11,13 @@ from typing import Any
 
 import docker
 import docker.errors
+import requests
 from docker.models.containers import Container
 from docker.models.networks import Network
 
 from appliance import labels
 from appliance.launcher.spec import EGRESS_ALIAS, METADATA_ALIAS, ContainerSpec
-from protocol.errors import AirlockError
+from protocol.errors import AirlockError, TemporaryError
 
 log = logging.getLogger("airlock.launcher")
 NETWORK_OPTIONS = {"com.docker.network.bridge.inhibit_ipv4": "true"}
@@ -26,10 +27,24 @@ class LauncherError(AirlockError, RuntimeError):
     """A Docker operation failed; the message says which and why."""
 
 
+class EngineUnavailable(LauncherError, TemporaryError):
+    """The engine (or sockguard in front of it) did not answer, or answered 5xx: the same call may work soon."""
+
+
 def _explain(exc: docker.errors.DockerException) -> str:
     if isinstance(exc, docker.errors.APIError):
         return str(exc.explanation or exc)
     return str(exc)
+
+
+def _failure(what: str, exc: docker.errors.DockerException) -> LauncherError:
+    """Map a docker SDK error at the boundary: 5xx and connection trouble are temporary, the rest (a
+    sockguard refusal, a missing image, a conflict) permanent."""
+    status = exc.status_code if isinstance(exc, docker.errors.APIError) else None
+    # An APIError without a status: the SDK got no response at all (the connection itself failed).
+    transient = isinstance(exc, docker.errors.APIError) and (status is None or status >= 500)
+    error = EngineUnavailable if transient else LauncherError
+    return error(f"{what}: {_explain(exc)}")
 
 
 class Engine:
@@ -60,8 +75,10 @@ class Engine:
                     tuple(found.attrs.get("RepoDigests") or ()))
         except docker.errors.ImageNotFound:
             raise LauncherError(f"image {ref!r} is not on this Docker engine (import it; pulling is off)") from None
+        except requests.RequestException as exc:
+            raise EngineUnavailable(f"cannot inspect image {ref!r}: {exc}") from exc
         except docker.errors.DockerException as exc:
-            raise LauncherError(f"cannot inspect image {ref!r}: {_explain(exc)}") from exc
+            raise _failure(f"cannot inspect image {ref!r}", exc) from exc
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, name: str, location: str) -> Network:
@@ -124,18 +141,28 @@ class Engine:
 
     # -- containers -------------------------------------------------------------------------------
     def containers(self, role: str) -> list[Container]:
-        return self.client.containers.list(all=True, filters=self._owned_filter(role))
+        try:
+            return self.client.containers.list(all=True, filters=self._owned_filter(role))
+        except requests.RequestException as exc:
+            raise EngineUnavailable(f"cannot list {role} containers: {exc}") from exc
+        except docker.errors.DockerException as exc:
+            raise _failure(f"cannot list {role} containers", exc) from exc
 
     def start(self, spec: ContainerSpec) -> Container:
         try:
             container = self.client.containers.create(**spec.kwargs)
+        except requests.RequestException as exc:
+            raise EngineUnavailable(f"cannot create {spec.name}: {exc}") from exc
         except docker.errors.DockerException as exc:
-            raise LauncherError(f"cannot create {spec.name}: {_explain(exc)}") from exc
+            raise _failure(f"cannot create {spec.name}", exc) from exc
         try:
             container.start()
+        except requests.RequestException as exc:
+            self.remove(container)
+            raise EngineUnavailable(f"cannot start {spec.name}: {exc}") from exc
         except docker.errors.DockerException as exc:
             self.remove(container)
-            raise LauncherError(f"cannot start {spec.name}: {_explain(exc)}") from exc
+            raise _failure(f"cannot start {spec.name}", exc) from exc
         return container
 
     def remove(self, container: Container) -> None:

@@ -155,14 +155,19 @@ class StorageService:
         run = instance.get_run_by_id(scope.run_id)
         code, oom = report.get("exit_code"), bool(report.get("oom_killed"))
         tail = (report.get("log_tail") or "").strip()
-        what = f"run container exited with code {code}" + (" after it was OOM-killed (memory limit reached)"
-                                                            if oom else "")
-        if report.get("reason"):
-            what += f" ({report['reason']})"
+        if code is None and report.get("reason"):  # the container never started (the agent's launch failed)
+            what = str(report["reason"])
+        else:
+            what = f"run container exited with code {code}" + (" after it was OOM-killed (memory limit reached)"
+                                                                if oom else "")
+            if report.get("reason"):
+                what += f" ({report['reason']})"
         if run.is_finished:
             instance.report_engine_event(f"{what}; the run had already ended ({run.status.value}).", run)
             return
-        message = f"{what} before the run ended." + (f"\nLast log lines:\n{tail[-4000:]}" if tail else "")
+        never_started = code is None and report.get("reason")
+        message = (f"{what}." if never_started else f"{what} before the run ended.") + (
+            f"\nLast log lines:\n{tail[-4000:]}" if tail else "")
         if run.status.value == "CANCELING":
             instance.report_run_canceled(run, message=message)
         else:

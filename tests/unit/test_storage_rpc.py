@@ -312,6 +312,19 @@ def test_an_exit_report_fails_a_run_that_had_not_ended_with_the_oom_reason(servi
     assert "exited with code 137" in failure.message and "OOM-killed" in failure.message
 
 
+def test_a_launch_that_failed_ends_the_run_at_once_with_the_appliances_reason(service, control_plane) -> None:
+    svc, _ = service
+    _, run = example_run(control_plane, "numbers_job")
+    reason = "the appliance could not start the run's container: cannot create x: engine answered 502"
+    report = {"exit_code": None, "oom_killed": False, "log_tail": "", "reason": reason}
+    svc.write(AGENT, "k", run.run_id, "example", [{"method": EXIT_METHOD, "args": "[]", "client": "airlock-agent",
+                                                   "seq": 1, "kwargs": json.dumps(report)}])
+    assert control_plane.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+    failure = next(e for e in control_plane.all_logs(run.run_id)
+                   if e.dagster_event_type == DagsterEventType.RUN_FAILURE)
+    assert failure.message == reason + "."
+
+
 def test_the_relay_hands_user_code_the_userland_ref_never_the_control_planes(tmp_path: Path) -> None:
     from dagster._core.instance.ref import InstanceRef
     from dagster._core.remote_origin import GrpcServerCodeLocationOrigin, RemoteRepositoryOrigin
