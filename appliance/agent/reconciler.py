@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
-from docker.models.containers import Container
 
 from appliance import labels
 from appliance.agent import health
@@ -22,8 +21,9 @@ from appliance.agent.backoff import Backoff
 from appliance.agent.plan import Observed, plan
 from appliance.agent.routes import render_routes, write_routes
 from appliance.agent.status import ApplianceStatus, LocationStatus, State, now
-from appliance.launcher.engine import Engine, LauncherError
-from appliance.launcher.spec import ContainerSpec, code_server_spec, network_name
+from appliance.launcher.base import Launcher, Workload
+from appliance.launcher.engine import LauncherError
+from appliance.launcher.spec import ContainerSpec, code_server_spec
 from appliance.policy import Location, Policy
 from appliance.policy.operator import LiveImages
 from protocol.dagster_grpc import DEFAULT_PORT
@@ -32,21 +32,14 @@ log = logging.getLogger("airlock.agent")
 STARTUP_GRACE_SECONDS = 180.0  # a code server may take this long to answer its first ping
 
 
-def observe(container: Container) -> Observed:
-    state = container.attrs.get("State") or {}
-    return Observed(
-        id=container.id,
-        name=container.name,
-        location=container.labels.get(labels.LOCATION, ""),
-        spec_hash=container.labels.get(labels.SPEC_HASH, ""),
-        state=state.get("Status", container.status),
-        health=(state.get("Health") or {}).get("Status"),
-    )
+def observe(workload: Workload) -> Observed:
+    return Observed(id=workload.id, name=workload.name, location=workload.location, spec_hash=workload.spec_hash,
+                    state=workload.state, health=workload.health)
 
 
 @dataclass
 class Reconciler:
-    engine: Engine
+    engine: Launcher
     policy: Policy
     appliance_container: str
     egress_routes: str
@@ -67,12 +60,12 @@ class Reconciler:
         subnets: dict[str, list[str]] = {}
         for name, location in desired.items():
             try:
-                network = self.engine.ensure_network(network_name(self.engine.appliance_id, name), name)
-                self.engine.attach(network, self.appliance_container)
-                subnets[name] = self.engine.subnets(network)
-                image_id, tags, digests = self.engine.image(location.image)
+                network = self.engine.ensure_network(name, attach=self.appliance_container)
+                subnets[name] = list(network.subnets)
+                image = self.engine.image(location.image)
+                image_id = image.id
                 allowed, why = (self.images.current() if self.images else self.policy.images).decide(
-                    image_id, tags, digests)
+                    image.id, image.tags, image.digests)
                 if not allowed:  # no backoff: the moment the operator allows it, the next pass starts it
                     self._set(name, State.ERROR, image=location.image, error=f"refused by this appliance: {why}")
                     continue
@@ -85,7 +78,7 @@ class Reconciler:
         if write_routes(self.egress_routes, render_routes(subnets, desired)):
             log.info("egress routes updated for %s", ", ".join(sorted(subnets)) or "no locations")
 
-        containers = {c.id: c for c in self.engine.containers(labels.ROLE_CODE_SERVER)}
+        containers = {w.id: w for w in self.engine.workloads(labels.ROLE_CODE_SERVER)}
         observed = [observe(c) for c in containers.values()]
         # A location whose spec could not be computed keeps whatever runs for it until it can be.
         wanted = {name: spec.spec_hash for name, spec in specs.items()}
@@ -141,7 +134,7 @@ class Reconciler:
         log.info("started code server %s for %s", spec.name, location.name)
         self._set(location.name, State.LOADING, container=spec.name, container_id=container.id, image=location.image)
 
-    def _probe(self, name: str, kept: Observed, container: Container, image: str) -> None:
+    def _probe(self, name: str, kept: Observed, container: Workload, image: str) -> None:
         previous = self.statuses.get(name)
         if kept.state == "running":
             result = health.ping(f"{kept.name}:{DEFAULT_PORT}", timeout=3.0)
@@ -172,9 +165,9 @@ class Reconciler:
         except LauncherError as exc:
             log.warning("%s", exc)
 
-    def _failed(self, name: str, observed: Observed, container: Container, detail: str, image: str) -> None:
+    def _failed(self, name: str, observed: Observed, container: Workload, detail: str, image: str) -> None:
         """Record ERROR with the container's last log lines (the Python traceback), and back off."""
-        tail = Engine.log_tail(container)
+        tail = self.engine.log_tail(container)
         delay = self.backoff.failed(name)
         self._set(name, State.ERROR, container=observed.name, container_id=observed.id, image=image,
                   error=f"{detail}; retrying in {delay:.0f} s\n{tail}")
@@ -190,10 +183,9 @@ class Reconciler:
 
     def _remove_orphan_networks(self, desired: set[str]) -> None:
         for network in self.engine.networks():
-            location = (network.attrs.get("Labels") or {}).get(labels.LOCATION)
-            if location not in desired:
-                log.info("removing network %s (location %s no longer desired)", network.name, location)
+            if network.location not in desired:
+                log.info("removing network %s (location %s no longer desired)", network.name, network.location)
                 try:
-                    self.engine.remove_network(network, self.appliance_container)
+                    self.engine.remove_network(network, detach=self.appliance_container)
                 except LauncherError as exc:
                     log.warning("%s", exc)

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import httpx
-from docker.models.containers import Container
 
 from appliance import labels
 from appliance.agent.backoff import Backoff
 from appliance.agent.dispatcher import HandlerError
-from appliance.launcher.engine import Engine, EngineUnavailable, LauncherError
+from appliance.launcher.base import Launcher, Workload
+from appliance.launcher.engine import EngineUnavailable, LauncherError
 from appliance.launcher.spec import run_container_name, run_spec
 from appliance.metadata.tokens import RunScope, RunTokens
 from appliance.policy import Location, Policy
@@ -56,7 +56,7 @@ class RelayControl:
 
 @dataclass
 class RunManager:
-    engine: Engine
+    engine: Launcher
     policy: Policy
     tokens: RunTokens
     relay: RelayControl
@@ -100,12 +100,12 @@ class RunManager:
     def _launch_once(self, run_id: str, location: Location, execute_run_args: str) -> dict[str, Any]:
         name = run_container_name(self.engine.appliance_id, run_id)
         existing = self._find(run_id)
-        if existing is not None and (existing.attrs.get("State") or {}).get("Status") != "created":
+        if existing is not None and existing.state != "created":
             log.info("run %s: container %s already exists (LAUNCH_RUN delivered again)", run_id, name)
             return {"container": existing.name, "already": True}
         if existing is not None:  # created by a try whose answer was lost, never started: start afresh
             self.engine.remove(existing)
-        image_id = self.engine.resolve_image(location.image)
+        image_id = self.engine.image(location.image).id
         token = self.tokens.mint(RunScope(run_id=run_id, location=location.name))
         spec = run_spec(location, self.policy, appliance_id=self.engine.appliance_id, image_id=image_id,
                         run_id=run_id, execute_run_args=execute_run_args, token=token, egress_port=self.egress_port)
@@ -132,50 +132,44 @@ class RunManager:
             return {"stopped": False, "detail": "no container for this run here"}
         log.info("run %s: stopping %s (SIGTERM, %d s grace)", run_id, container.name, grace)
         try:
-            container.stop(timeout=grace)  # Dagster treats SIGTERM as an interrupt: the run ends CANCELED
-        except Exception as exc:
-            raise HandlerError(f"cannot stop {container.name}: {exc}") from None
+            self.engine.stop(container, grace_seconds=grace)  # SIGTERM: Dagster ends the run CANCELED
+        except LauncherError as exc:
+            raise HandlerError(str(exc)) from None
         return {"stopped": True}
 
     # -- the reaper ------------------------------------------------------------------------------------
     def runs(self) -> list[dict[str, Any]]:
         """What the heartbeat says about runs: one entry per run container this appliance has."""
-        out = []
-        for container in self.engine.containers(labels.ROLE_RUN):
-            state = container.attrs.get("State") or {}
-            detail = None if state.get("Status") == "running" else _exit_detail(state)
-            out.append({"runId": container.labels.get(labels.RUN_ID, ""),
-                        "location": container.labels.get(labels.LOCATION, ""),
-                        "state": state.get("Status", container.status), "detail": detail})
-        return out
+        return [{"runId": w.run_id, "location": w.location, "state": w.state,
+                 "detail": None if w.state == "running" else _exit_detail(w)}
+                for w in self.engine.workloads(labels.ROLE_RUN)]
 
     def reap(self) -> None:
-        for container in self.engine.containers(labels.ROLE_RUN):
-            state = container.attrs.get("State") or {}
-            if state.get("Status") in ("running", "created", "restarting", "paused"):
+        for workload in self.engine.workloads(labels.ROLE_RUN):
+            if workload.live:
                 continue
-            run_id = container.labels.get(labels.RUN_ID, "")
+            run_id = workload.run_id
             try:
-                self._reap_one(container, run_id, state)
+                self._reap_one(workload, run_id)
             except (httpx.HTTPError, LauncherError) as exc:  # relay restarting: next tick
                 log.warning("run %s: not reaped yet: %s", run_id, exc)
 
-    def _reap_one(self, container: Container, run_id: str, state: dict[str, Any]) -> None:
+    def _reap_one(self, container: Workload, run_id: str) -> None:
         if run_id not in self._reported:
-            report = {"location": container.labels.get(labels.LOCATION, ""), "exit_code": state.get("ExitCode"),
-                      "oom_killed": bool(state.get("OOMKilled")), "log_tail": Engine.log_tail(container, 40),
-                      "reason": state.get("Error") or None}
+            report = {"location": container.location, "exit_code": container.exit_code,
+                      "oom_killed": container.oom_killed, "log_tail": self.engine.log_tail(container, 40),
+                      "reason": container.error}
             self.relay.exited(run_id, report)
             self._reported.add(run_id)
-            log.info("run %s: container exited (%s)", run_id, _exit_detail(state))
+            log.info("run %s: container exited (%s)", run_id, _exit_detail(container))
         if self.relay.pending(run_id) == 0:
             self.engine.remove(container)
             self._reported.discard(run_id)
             log.info("run %s: everything forwarded; removed %s", run_id, container.name)
 
-    def _find(self, run_id: str) -> Container | None:
+    def _find(self, run_id: str) -> Workload | None:
         name = run_container_name(self.engine.appliance_id, run_id)
-        return next((c for c in self.engine.containers(labels.ROLE_RUN) if c.name == name), None)
+        return next((w for w in self.engine.workloads(labels.ROLE_RUN) if w.name == name), None)
 
 
 def _payload(work: SignedWork, *required: str) -> dict[str, Any]:
@@ -189,8 +183,8 @@ def _payload(work: SignedWork, *required: str) -> dict[str, Any]:
     return payload
 
 
-def _exit_detail(state: dict[str, Any]) -> str:
-    detail = f"exit code {state.get('ExitCode')}"
-    if state.get("OOMKilled"):
+def _exit_detail(workload: Workload) -> str:
+    detail = f"exit code {workload.exit_code}"
+    if workload.oom_killed:
         detail += ", OOM-killed"
     return detail

@@ -7,6 +7,8 @@ failed and why (including sockguard's refusal message).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import docker
@@ -16,7 +18,8 @@ from docker.models.containers import Container
 from docker.models.networks import Network
 
 from appliance import labels
-from appliance.launcher.spec import EGRESS_ALIAS, METADATA_ALIAS, ContainerSpec
+from appliance.launcher.base import ImageRef, LocationNetwork, Workload
+from appliance.launcher.spec import EGRESS_ALIAS, METADATA_ALIAS, ContainerSpec, network_name
 from protocol.errors import AirlockError, TemporaryError
 
 log = logging.getLogger("airlock.launcher")
@@ -48,7 +51,8 @@ def _failure(what: str, exc: docker.errors.DockerException) -> LauncherError:
 
 
 class Engine:
-    """Launch, find and remove airlock's containers and networks for one appliance."""
+    """The Launcher (launcher/base.py) on a Docker engine, reached through sockguard: airlock's containers and
+    networks for one appliance, found by their labels. docker SDK objects stay in here; callers get values."""
 
     def __init__(self, client: docker.DockerClient, appliance_id: str) -> None:
         self.client = client
@@ -62,120 +66,122 @@ class Engine:
         return {"label": [f"{labels.MANAGED}=true", f"{labels.ROLE}={role}",
                           f"{labels.APPLIANCE_ID}={self.appliance_id}"]}
 
+    @contextmanager
+    def _mapped(self, what: str) -> Iterator[None]:
+        """Foreign errors become LauncherError / EngineUnavailable here, at the boundary."""
+        try:
+            yield
+        except docker.errors.DockerException as exc:  # first: the SDK's APIError is a requests HTTPError too
+            raise _failure(what, exc) from exc
+        except requests.RequestException as exc:  # no answer at all: connection refused or lost, a timeout
+            raise EngineUnavailable(f"{what}: {exc}") from exc
+
     # -- images -----------------------------------------------------------------------------------
     def resolve_image(self, ref: str) -> str:
         """The image id (sha256:...) that `ref` names on this engine; the spec pins that id."""
-        return self.image(ref)[0]
+        return self.image(ref).id
 
-    def image(self, ref: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-        """(id, repo tags, repo digests) of the image `ref` names: what the image policy decides on."""
+    def image(self, ref: str) -> ImageRef:
         try:
-            found = self.client.images.get(ref)
-            return (str(found.id), tuple(found.attrs.get("RepoTags") or ()),
-                    tuple(found.attrs.get("RepoDigests") or ()))
-        except docker.errors.ImageNotFound:
-            raise LauncherError(f"image {ref!r} is not on this Docker engine (import it; pulling is off)") from None
-        except requests.RequestException as exc:
-            raise EngineUnavailable(f"cannot inspect image {ref!r}: {exc}") from exc
-        except docker.errors.DockerException as exc:
-            raise _failure(f"cannot inspect image {ref!r}", exc) from exc
+            with self._mapped(f"cannot inspect image {ref!r}"):
+                found = self.client.images.get(ref)
+        except LauncherError as exc:
+            if isinstance(exc.__cause__, docker.errors.ImageNotFound):
+                raise LauncherError(f"image {ref!r} is not on this Docker engine (import it; pulling is off)") \
+                    from None
+            raise
+        return ImageRef(str(found.id), tuple(found.attrs.get("RepoTags") or ()),
+                        tuple(found.attrs.get("RepoDigests") or ()))
 
     # -- networks ---------------------------------------------------------------------------------
-    def ensure_network(self, name: str, location: str) -> Network:
-        """One network per location with no way out except through the appliance.
+    def ensure_network(self, location: str, *, attach: str) -> LocationNetwork:
+        """One network per location with no way out except through the appliance (attached as `attach`).
 
         `internal: true` stops forwarding beyond the subnet, but on its own still lets containers reach
         the host itself at the bridge's gateway address (any service listening on 0.0.0.0). The bridge
         therefore gets no IPv4 address at all (`inhibit_ipv4`): the host is unreachable from the network.
         """
-        try:
+        name = network_name(self.appliance_id, location)
+        with self._mapped(f"cannot create network {name}"):
             found = self.client.networks.list(names=[name], filters=self._owned_filter(labels.ROLE_NETWORK))
             exact = [n for n in found if n.name == name]
             if exact:
-                return exact[0]
-            log.info("creating network %s for location %s", name, location)
-            return self.client.networks.create(
-                name,
-                driver="bridge",
-                internal=True,
-                check_duplicate=True,
-                options=NETWORK_OPTIONS,
-                labels={
-                    labels.MANAGED: "true",
-                    labels.ROLE: labels.ROLE_NETWORK,
-                    labels.LOCATION: location,
-                    labels.APPLIANCE_ID: self.appliance_id,
-                },
-            )
-        except docker.errors.DockerException as exc:
-            raise LauncherError(f"cannot create network {name}: {_explain(exc)}") from exc
-
-    def attach(self, network: Network, container_id: str) -> None:
-        """Connect the appliance to a location network under the egress proxy's alias (idempotent)."""
-        network.reload()
-        containers = network.attrs.get("Containers") or {}
-        if any(cid.startswith(container_id) for cid in containers):
-            return
-        try:
-            network.connect(container_id, aliases=[EGRESS_ALIAS, METADATA_ALIAS])
-        except docker.errors.DockerException as exc:
-            raise LauncherError(f"cannot attach the appliance to {network.name}: {_explain(exc)}") from exc
-
-    def networks(self) -> list[Network]:
-        return self.client.networks.list(filters=self._owned_filter(labels.ROLE_NETWORK))
-
-    def remove_network(self, network: Network, container_id: str) -> None:
-        try:
+                network = exact[0]
+            else:
+                log.info("creating network %s for location %s", name, location)
+                network = self.client.networks.create(
+                    name, driver="bridge", internal=True, check_duplicate=True, options=NETWORK_OPTIONS,
+                    labels={labels.MANAGED: "true", labels.ROLE: labels.ROLE_NETWORK, labels.LOCATION: location,
+                            labels.APPLIANCE_ID: self.appliance_id})
+        with self._mapped(f"cannot attach the appliance to {name}"):
             network.reload()
-            for cid in network.attrs.get("Containers") or {}:
-                if cid.startswith(container_id):
-                    network.disconnect(container_id, force=True)
-            network.remove()
-        except docker.errors.DockerException as exc:
-            raise LauncherError(f"cannot remove network {network.name}: {_explain(exc)}") from exc
+            if not any(cid.startswith(attach) for cid in network.attrs.get("Containers") or {}):
+                network.connect(attach, aliases=[EGRESS_ALIAS, METADATA_ALIAS])
+                network.reload()
+        return _network(network)
 
-    @staticmethod
-    def subnets(network: Network) -> list[str]:
-        """The network's subnets, from attributes already loaded (attach() reloads them)."""
-        return [c["Subnet"] for c in (network.attrs.get("IPAM") or {}).get("Config") or [] if c.get("Subnet")]
+    def networks(self) -> list[LocationNetwork]:
+        with self._mapped("cannot list networks"):
+            return [_network(n) for n in self.client.networks.list(filters=self._owned_filter(labels.ROLE_NETWORK))]
 
-    # -- containers -------------------------------------------------------------------------------
-    def containers(self, role: str) -> list[Container]:
-        try:
-            return self.client.containers.list(all=True, filters=self._owned_filter(role))
-        except requests.RequestException as exc:
-            raise EngineUnavailable(f"cannot list {role} containers: {exc}") from exc
-        except docker.errors.DockerException as exc:
-            raise _failure(f"cannot list {role} containers", exc) from exc
+    def remove_network(self, network: LocationNetwork, *, detach: str) -> None:
+        with self._mapped(f"cannot remove network {network.name}"):
+            found = self.client.networks.get(network.id)
+            for cid in found.attrs.get("Containers") or {}:
+                if cid.startswith(detach):
+                    found.disconnect(detach, force=True)
+            found.remove()
 
-    def start(self, spec: ContainerSpec) -> Container:
-        try:
+    # -- workloads --------------------------------------------------------------------------------
+    def workloads(self, role: str) -> list[Workload]:
+        with self._mapped(f"cannot list {role} containers"):
+            return [_workload(c) for c in self.client.containers.list(all=True, filters=self._owned_filter(role))]
+
+    def start(self, spec: ContainerSpec) -> Workload:
+        with self._mapped(f"cannot create {spec.name}"):
             container = self.client.containers.create(**spec.kwargs)
-        except requests.RequestException as exc:
-            raise EngineUnavailable(f"cannot create {spec.name}: {exc}") from exc
-        except docker.errors.DockerException as exc:
-            raise _failure(f"cannot create {spec.name}", exc) from exc
         try:
-            container.start()
-        except requests.RequestException as exc:
-            self.remove(container)
-            raise EngineUnavailable(f"cannot start {spec.name}: {exc}") from exc
-        except docker.errors.DockerException as exc:
-            self.remove(container)
-            raise _failure(f"cannot start {spec.name}", exc) from exc
-        return container
+            with self._mapped(f"cannot start {spec.name}"):
+                container.start()
+                container.reload()
+        except LauncherError:
+            self._remove_id(container.id, container.name)
+            raise
+        return _workload(container)
 
-    def remove(self, container: Container) -> None:
-        try:
-            container.remove(force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.DockerException as exc:
-            raise LauncherError(f"cannot remove {container.name}: {_explain(exc)}") from exc
+    def stop(self, workload: Workload, *, grace_seconds: int) -> None:
+        with self._mapped(f"cannot stop {workload.name}"):
+            self.client.containers.get(workload.id).stop(timeout=grace_seconds)
 
-    @staticmethod
-    def log_tail(container: Container, lines: int = 30) -> str:
+    def remove(self, workload: Workload) -> None:
+        self._remove_id(workload.id, workload.name)
+
+    def _remove_id(self, container_id: str, name: str) -> None:
         try:
-            return container.logs(tail=lines).decode(errors="replace").strip()
-        except docker.errors.DockerException as exc:
-            return f"(logs unavailable: {_explain(exc)})"
+            with self._mapped(f"cannot remove {name}"):
+                self.client.containers.get(container_id).remove(force=True)
+        except LauncherError as exc:
+            if not isinstance(exc.__cause__, docker.errors.NotFound):
+                raise
+
+    def log_tail(self, workload: Workload, lines: int = 30) -> str:
+        try:
+            with self._mapped("logs unavailable"):
+                return self.client.containers.get(workload.id).logs(tail=lines).decode(errors="replace").strip()
+        except LauncherError as exc:
+            return f"({exc})"
+
+
+def _workload(container: Container) -> Workload:
+    state = container.attrs.get("State") or {}
+    return Workload(id=container.id, name=container.name, labels=dict(container.labels or {}),
+                    state=state.get("Status", container.status), health=(state.get("Health") or {}).get("Status"),
+                    exit_code=state.get("ExitCode"), oom_killed=bool(state.get("OOMKilled")),
+                    error=state.get("Error") or None)
+
+
+def _network(network: Network) -> LocationNetwork:
+    attrs = network.attrs or {}
+    subnets = tuple(c["Subnet"] for c in (attrs.get("IPAM") or {}).get("Config") or [] if c.get("Subnet"))
+    return LocationNetwork(id=network.id, name=network.name, location=(attrs.get("Labels") or {}).get(
+        labels.LOCATION, ""), subnets=subnets)

@@ -85,6 +85,7 @@ def test_a_users_own_project_is_built_allowed_deployed_and_runs(tmp_path: Path) 
     try:
         config = image.attrs["Config"]
         assert config["User"] == "10001:10001" and "/srv/acme/venv/bin" in " ".join(config["Env"])
+        (tmp_path / "stack").mkdir()
         with control_plane_and_appliance(tmp_path / "stack") as (cp, appliance):
             _cp_file(cp, context / "dagster_cloud.yaml", "/tmp/dagster_cloud.yaml")
 
