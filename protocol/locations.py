@@ -18,8 +18,8 @@ from typing import Any
 
 from protocol.fields import Fields
 
-__all__ = ["ENV_NAME", "FORBIDDEN_ENV_PREFIXES", "LOCATION_NAME", "PYTHON_NAME", "RESERVED_ENV", "HostPort",
-           "IPNetwork", "LocationRequest", "check_env_name", "parse_host_port", "parse_location"]
+__all__ = ["ENV_NAME", "FORBIDDEN_ENV", "FORBIDDEN_ENV_PREFIXES", "LOCATION_NAME", "PYTHON_NAME", "RESERVED_ENV",
+           "HostPort", "IPNetwork", "LocationRequest", "check_env_name", "parse_host_port", "parse_location"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -30,8 +30,16 @@ IMAGE_REFERENCE = r"[A-Za-z0-9][A-Za-z0-9._/:@-]*"
 # Env names the launcher sets itself; a location must not override them.
 RESERVED_ENV = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
                           "DAGSTER_HOME"})
-# A location may not hand its code these: they would smuggle credentials or loosen the sandbox.
-FORBIDDEN_ENV_PREFIXES = ("AIRLOCK_", "DOCKER_")
+# A location may not hand its code these: they would smuggle credentials or loosen the sandbox, or they change
+# how an interpreter, the dynamic loader or Dagster's CLI starts: whoever sets them chooses code that runs at
+# start-up (PYTHONSTARTUP, PYTHONWARNINGS importing a module, LD_PRELOAD, BASH_ENV, DAGSTER_CLI_API_GRPC_*
+# pointing `dagster api grpc` at another file, ...). Refused by class, by prefix, not one name at a time.
+FORBIDDEN_ENV_PREFIXES = ("AIRLOCK_", "DOCKER_", "PYTHON", "LD_", "DYLD_", "DAGSTER_CLI", "PERL", "RUBY", "NODE_",
+                          "JAVA_", "_JAVA_", "JDK_", "GCONV_", "MALLOC_", "GLIBC_", "BASH_FUNC_")
+FORBIDDEN_ENV = frozenset({"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "IFS", "CDPATH", "HOSTALIASES",
+                           "LOCPATH", "NLSPATH", "RES_OPTIONS", "TMPDIR", "PATH", "HOME", "SSL_CERT_FILE",
+                           "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSH_COMMAND",
+                           "GIT_EXEC_PATH", "OPENSSL_CONF", "VIRTUAL_ENV"})
 RESOURCE_KEYS = ("memory", "cpus", "pids")
 _HOSTPORT = re.compile(r"^(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*|\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5}|\*)$")
 
@@ -101,8 +109,11 @@ def parse_location(f: Fields) -> LocationRequest:
 def check_env_name(f: Fields, key: str) -> None:
     if not re.fullmatch(ENV_NAME, key):
         raise f.error(f"env.{key}", "not a valid environment variable name")
-    if key in RESERVED_ENV or key.startswith(FORBIDDEN_ENV_PREFIXES):
+    if key in RESERVED_ENV or key.startswith(("AIRLOCK_", "DOCKER_")):
         raise f.error(f"env.{key}", "is reserved: the launcher sets it, or it would cross the trust boundary")
+    if key in FORBIDDEN_ENV or key.startswith(FORBIDDEN_ENV_PREFIXES):  # names are case-sensitive on Linux
+        raise f.error(f"env.{key}", "changes how the interpreter, the loader, the shell or Dagster's CLI starts "
+                                    "(code chosen by whoever sets it would run at start-up); set it in the image")
 
 
 def _resources(r: Fields) -> tuple[tuple[str, int | float], ...]:

@@ -180,8 +180,9 @@ def _load_egress(path: Path) -> EgressPolicy:
         reason = entry.str("reason")
         deny.extend((cidr, reason) for cidr in entry.cidrs("cidrs"))
         entry.done()
+    may_open = f.cidrs("control_plane_may_open", [])
     f.done()
-    return EgressPolicy(port=port, always_deny=tuple(deny), connect_timeout=timeout)
+    return EgressPolicy(port=port, always_deny=tuple(deny), connect_timeout=timeout, control_plane_may_open=may_open)
 
 
 def load_locations(path: str | os.PathLike[str], policy: Policy) -> tuple[Location, ...]:
@@ -219,7 +220,7 @@ def desired_set_from_data(data: Any, policy: Policy, *, source: str) -> DesiredS
             accepted.pop(name, None)
             continue
         try:
-            accepted[name] = _location(entry, policy)
+            accepted[name] = _location(entry, policy, remote=True)
         except PolicyError as exc:
             refused[name] = str(exc)
     fields.done()
@@ -239,10 +240,16 @@ def locations_from_fields(f: Fields, policy: Policy) -> tuple[Location, ...]:
     return tuple(locations)
 
 
-def _location(f: Fields, policy: Policy) -> Location:
-    """The shared spec rules (protocol.locations), then this appliance's bounds on limits and runtime."""
+def _location(f: Fields, policy: Policy, *, remote: bool = False) -> Location:
+    """The shared spec rules (protocol.locations), then this appliance's bounds on limits and runtime; a
+    `remote` (control plane) location may also not open refused address ranges local policy did not hand it."""
     runtime = f.str("runtime", policy.hardening.runtime)
     request = parse_location(f)
+    if remote:
+        for i, cidr in enumerate(request.egress_cidrs):
+            problem = policy.egress.remote_cidr_problem(cidr)
+            if problem:
+                raise f.error(f"egress.allow_cidrs[{i}]", problem)
     r = request.resource_map
     limits = Limits(memory=int(r.get("memory", policy.hardening.limits.memory)),
                     cpus=float(r.get("cpus", policy.hardening.limits.cpus)),

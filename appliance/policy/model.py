@@ -89,6 +89,19 @@ class EgressPolicy:
     port: int
     always_deny: tuple[tuple[IPNetwork, str], ...]  # (network, reason); refused unless a location allows it
     connect_timeout: float
+    # Parts of always_deny a location sent by the control plane may open; locations.yaml (local) may open any.
+    control_plane_may_open: tuple[IPNetwork, ...] = ()
+
+    def remote_cidr_problem(self, cidr: IPNetwork) -> str | None:
+        """Why a control plane may not open `cidr` for a location, or None: it may not open a refused range
+        this appliance's own policy did not hand it."""
+        if any(cidr.version == ok.version and cidr.subnet_of(ok) for ok in self.control_plane_may_open):  # type: ignore[arg-type]
+            return None
+        for network, reason in self.always_deny:
+            if cidr.version == network.version and cidr.overlaps(network):  # type: ignore[arg-type]
+                return (f"{cidr} opens {network} ({reason}), which only this appliance's local policy may open "
+                        f"(egress.yaml control_plane_may_open, or the location in locations.yaml)")
+        return None
 
 
 @dataclass(frozen=True)

@@ -129,3 +129,66 @@ def test_egress_allowlist_parsing(tmp_path: Path) -> None:
     assert hosts[0].matches("pypi.org", 443) and not hosts[0].matches("pypi.org", 80)
     assert hosts[1].matches("api.example.com", 8443) and not hosts[1].matches("example.com.evil", 443)
     assert str(loc.egress.cidrs[0]) == "10.1.0.0/16"
+
+
+# -- what a control plane's desired set may not ask for (local bounds) -------------------------------------
+@pytest.mark.parametrize("name", ["PYTHONSTARTUP", "PYTHONPATH", "PYTHONWARNINGS", "PYTHONHOME", "LD_PRELOAD",
+                                  "LD_LIBRARY_PATH", "DYLD_INSERT_LIBRARIES", "BASH_ENV", "ENV", "PATH",
+                                  "DAGSTER_CLI_API_GRPC_PYTHON_FILE", "NODE_OPTIONS", "JAVA_TOOL_OPTIONS",
+                                  "PERL5OPT", "GCONV_PATH", "GLIBC_TUNABLES", "BASH_FUNC_x%%"])
+def test_env_that_chooses_code_at_start_up_is_refused_by_class(name: str) -> None:
+    from appliance.policy.loader import desired_set_from_data
+
+    policy = load_policy(ROOT / "policy")
+    entry = {"name": "alpha", "image": "i", "module": "m", "env": {name: "x"}}
+    checked = desired_set_from_data({"version": 1, "locations": [entry]}, policy, source="control plane")
+    assert checked.accepted == () and "alpha" in checked.refused
+    assert f"env.{name}" in checked.refused["alpha"]
+    assert ("changes how the interpreter" in checked.refused["alpha"]
+            or "not a valid environment variable name" in checked.refused["alpha"])
+
+
+def test_ordinary_env_still_passes() -> None:
+    from appliance.policy.loader import desired_set_from_data
+
+    policy = load_policy(ROOT / "policy")
+    entry = {"name": "alpha", "image": "i", "module": "m",
+             "env": {"ACME_ENV": "prod", "DAGSTER_DEPLOYMENT": "x", "PIP_INDEX": "y", "pythonic": "z"}}
+    checked = desired_set_from_data({"version": 1, "locations": [entry]}, policy, source="control plane")
+    assert [loc.name for loc in checked.accepted] == ["alpha"] and checked.refused == {}
+
+
+@pytest.mark.parametrize("cidr", ["0.0.0.0/0", "::/0", "169.254.169.254/32", "10.0.0.0/8", "127.0.0.0/8",
+                                  "fd00::/8", "172.16.5.0/24"])
+def test_the_control_plane_cannot_open_refused_ranges_local_policy_did_not_hand_it(cidr: str) -> None:
+    from appliance.policy.loader import desired_set_from_data
+
+    policy = load_policy(ROOT / "policy")
+    entry = {"name": "alpha", "image": "i", "module": "m", "egress": {"allow_cidrs": [cidr]}}
+    checked = desired_set_from_data({"version": 1, "locations": [entry]}, policy, source="control plane")
+    assert checked.accepted == () and "only this appliance's local policy may open" in checked.refused["alpha"]
+    assert "egress.allow_cidrs[0]" in checked.refused["alpha"]
+
+
+def test_a_public_cidr_and_ranges_local_policy_opens_pass(tmp_path) -> None:
+    import shutil
+
+    from appliance.policy.loader import desired_set_from_data
+
+    shutil.copytree(ROOT / "policy", tmp_path / "policy")
+    egress = tmp_path / "policy" / "egress.yaml"
+    egress.write_text(egress.read_text() + "control_plane_may_open: [10.20.0.0/16]\n")
+    policy = load_policy(tmp_path / "policy")
+    entry = {"name": "alpha", "image": "i", "module": "m",
+             "egress": {"allow_cidrs": ["93.184.216.0/24", "10.20.30.0/24"]}}
+    checked = desired_set_from_data({"version": 1, "locations": [entry]}, policy, source="control plane")
+    assert [loc.name for loc in checked.accepted] == ["alpha"], checked.refused
+    wider = {**entry, "egress": {"allow_cidrs": ["10.0.0.0/8"]}}  # wider than what was handed over
+    assert "alpha" in desired_set_from_data({"version": 1, "locations": [wider]}, policy, source="cp").refused
+    # locations.yaml is local policy: the operator may open any range there
+    local = tmp_path / "locations.yaml"
+    local.write_text("version: 1\nlocations:\n  - {name: alpha, image: i, module: m, "
+                     "egress: {allow_cidrs: [10.0.0.0/8]}}\n")
+    from appliance.policy import load_locations
+
+    assert [loc.name for loc in load_locations(local, policy)] == ["alpha"]
