@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from protocol.backoff import Delays
 from protocol.errors import TemporaryError
 from protocol.limits import record_too_large
 from protocol.storage_calls import StorageCallRefused, call_mode
@@ -154,7 +155,7 @@ class RelayClient:
                 self._failed = exc
 
     def _send_with_retry(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        deadline, delay = time.monotonic() + self.retry_seconds, 0.05
+        deadline, delays = time.monotonic() + self.retry_seconds, Delays(base=0.05, cap=2.0)
         while True:
             try:
                 return self.send(path, body)
@@ -164,8 +165,7 @@ class RelayClient:
                 last = exc
             if time.monotonic() > deadline:
                 raise RelayUnavailable(f"metadata relay unavailable for {self.retry_seconds:.0f} s: {last}")
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            time.sleep(delays.next())
 
 
 class RelayBusy(TemporaryError, OSError):

@@ -23,7 +23,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from appliance.agent.transport import GatewayClient, GatewayError
+from appliance.agent.transport import GatewayClient, GatewayError, gateway_error
 from protocol.channel import (
     CHANNEL_PATH,
     MAX_FRAME_BYTES,
@@ -164,4 +164,4 @@ def _refusal(exc: InvalidStatus) -> GatewayError:
         message, code = first["message"], (first.get("extensions") or {}).get("code")
     except (ValueError, KeyError, IndexError, TypeError):
         message, code = f"HTTP {status}", None
-    return GatewayError(f"work channel refused: {message}", status=status, code=code)
+    return gateway_error(f"work channel refused: {message}", status=status, code=code)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,8 @@ from appliance.agent.runs import RunManager
 from appliance.agent.status import write_status
 from appliance.agent.transport import GatewayClient
 from appliance.policy import DesiredSet, Location, Policy, PolicyError, desired_set_from_data
+from protocol.backoff import Delays
+from protocol.errors import PermanentError
 from protocol.files import write_atomic
 from protocol.work import SignedWork, WorkKind, failed_result, ok_result
 
@@ -218,15 +219,20 @@ class ConnectedAgent:
 
     @staticmethod
     def _retrying(stop: threading.Event, step: Callable[[], object]) -> None:
-        """Run step until stop; on failure back off exponentially with jitter (capped at 30 s)."""
-        delay = 0.5
+        """Run step until stop; a failure that may pass is retried with backoff (capped at 30 s); a permanent
+        one (the gateway refusing this appliance's key: revoked, or never enrolled here) stops the agent with
+        the reason, for the operator to act on, instead of being retried forever."""
+        delays = Delays(base=0.5, cap=30.0)
         while not stop.is_set():
             try:
                 step()
-                delay = 0.5
-            except Exception as exc:  # gateway refusals, network trouble, bad answers: all retried
-                wait = min(delay * (0.5 + random.random()), 30.0)
+                delays.reset()
+            except PermanentError as exc:
+                log.error("%s refused for good, stopping the agent: %s", getattr(step, "__name__", "call"), exc)
+                stop.set()
+                return
+            except Exception as exc:  # network trouble, a gateway restarting, bad answers: all retried
+                wait = delays.next()
                 log.warning("%s failed (%s: %s); retrying in %.1f s", getattr(step, "__name__", "call"),
                             type(exc).__name__, exc, wait)
                 stop.wait(wait)
-                delay = min(delay * 2, 30.0)

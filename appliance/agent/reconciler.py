@@ -17,7 +17,6 @@ import grpc
 
 from appliance import labels
 from appliance.agent import health
-from appliance.agent.backoff import Backoff
 from appliance.agent.plan import Observed, plan
 from appliance.agent.routes import render_routes, write_routes
 from appliance.agent.status import ApplianceStatus, LocationStatus, State, now
@@ -26,6 +25,7 @@ from appliance.launcher.engine import LauncherError
 from appliance.launcher.spec import ContainerSpec, code_server_spec
 from appliance.policy import Location, Policy
 from appliance.policy.operator import LiveImages
+from protocol.backoff import Backoff
 from protocol.dagster_grpc import DEFAULT_PORT
 
 log = logging.getLogger("airlock.agent")

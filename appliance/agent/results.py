@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from protocol.backoff import Delays
 from protocol.limits import AGENT_MAX_BODY, REQUEST_ROOM, encoded_size
 from protocol.work import failed_result
 
@@ -61,7 +62,7 @@ class ResultBatcher:
         return batch
 
     def _loop(self) -> None:
-        delay, limit = 0.2, self.max_batch
+        delays, limit = Delays(base=0.2, cap=10.0), self.max_batch
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
@@ -71,18 +72,19 @@ class ResultBatcher:
                 batch = self._take(limit)
             try:
                 self.post([result for result, _ in batch])
-                delay, limit = 0.2, self.max_batch
+                delays.reset()
+                limit = self.max_batch
             except Exception as exc:  # any transport failure: keep the batch, back off
                 if getattr(exc, "status", None) == 413:  # too large after all: halve it; one result alone fails
                     batch, limit = self._too_large(batch, exc), max(1, len(batch) // 2)
                     with self._cond:
                         self._pending.extendleft(reversed(batch))
                     continue
+                delay = delays.next()
                 log.warning("posting %d result(s) failed, retrying in %.1f s: %s", len(batch), delay, exc)
                 with self._cond:
                     self._pending.extendleft(reversed(batch))
                     self._cond.wait(delay)
-                delay = min(delay * 2, 10.0)
 
     @staticmethod
     def _too_large(batch: list[tuple[dict[str, Any], int]], exc: Exception) -> list[tuple[dict[str, Any], int]]:

@@ -24,13 +24,13 @@ from typing import Any, NoReturn
 import httpx
 
 from appliance import labels
-from appliance.agent.backoff import Backoff
 from appliance.agent.dispatcher import HandlerError
 from appliance.launcher.base import Launcher, Workload
 from appliance.launcher.engine import EngineUnavailable, LauncherError
 from appliance.launcher.spec import run_container_name, run_spec
 from appliance.metadata.tokens import RunScope, RunTokens
 from appliance.policy import Location, Policy
+from protocol.backoff import Backoff
 from protocol.work import SignedWork
 
 __all__ = ["RelayControl", "RunManager"]

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from appliance.agent import operations
-from protocol.errors import AirlockError, SignatureError
+from protocol.errors import AirlockError, PermanentError, SignatureError
 from protocol.keys import rotation_message
 from protocol.signing import (
     ENROLL_KEY_HEADER,
@@ -40,6 +40,17 @@ class GatewayError(AirlockError, RuntimeError):
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code = status, code
+
+
+class GatewayRefusedKey(GatewayError, PermanentError):
+    """401/403: the gateway does not accept this appliance's key (revoked, or enrolled elsewhere). Retrying
+    cannot help; the operator enrolls the appliance again."""
+
+
+def gateway_error(message: str, *, status: int | None = None, code: str | None = None) -> GatewayError:
+    """The error for a refusal: permanent for a refused key, otherwise one a loop may retry."""
+    kind = GatewayRefusedKey if status in (401, 403) else GatewayError
+    return kind(message, status=status, code=code)
 
 
 class SigningAuth(httpx.Auth):
@@ -103,7 +114,7 @@ class GatewayClient:
         errors = body.get("errors") if isinstance(body, dict) else None
         if response.status_code >= 400 or errors:
             first = (errors or [{}])[0]
-            raise GatewayError(first.get("message", f"HTTP {response.status_code}"), status=response.status_code,
+            raise gateway_error(first.get("message", f"HTTP {response.status_code}"), status=response.status_code,
                                code=(first.get("extensions") or {}).get("code"))
         return body["data"]
 

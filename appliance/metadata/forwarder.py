@@ -11,12 +11,12 @@ the batch in the spool and retries with backoff.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from appliance.metadata.spool import Spool, SpooledBatch
+from protocol.backoff import Delays
 
 __all__ = ["Forwarder", "WriteBatch"]
 
@@ -33,7 +33,7 @@ class Forwarder:
         self.forwarded = 0
 
     def run(self, stop: threading.Event) -> None:
-        delay = 0.2
+        delays = Delays(base=0.2, cap=10.0)
         while not stop.is_set():
             runs = self.spool.pending_runs()
             if not runs:
@@ -50,12 +50,11 @@ class Forwarder:
                         break  # not answered: the control plane is away for every run alike
                     # answered with a refusal of this run's batch: the other runs still go
             if failed is None:
-                delay = 0.2
+                delays.reset()
                 continue
-            wait = delay * (0.5 + random.random())
+            wait = delays.next()
             log.warning("forwarding failed (%s: %s); retrying in %.1f s", type(failed).__name__, failed, wait)
             stop.wait(wait)
-            delay = min(delay * 2, 10.0)
 
     def forward_one(self, run_id: str) -> int:
         batch = self.spool.read_batch(run_id, max_records=self.max_records, max_bytes=self.max_bytes)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from appliance.agent.backoff import Backoff
+import pytest
+
 from appliance.agent.plan import Observed, plan
+from protocol.backoff import Backoff
 
 
 def obs(name: str, location: str, spec: str, state: str = "running", health: str | None = None) -> Observed:
@@ -50,3 +52,39 @@ def test_backoff_grows_caps_and_resets() -> None:
     assert backoff.ready("a")
     backoff.succeeded("a")
     assert backoff.failures("a") == 0 and backoff.ready("a")
+
+
+def test_delays_double_up_to_the_cap_with_jitter_and_reset() -> None:
+    from protocol.backoff import Delays
+
+    delays = Delays(base=0.5, cap=4.0, jitter=lambda: 0.5)  # jitter 0.5: exactly the nominal delay
+    assert [delays.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    delays.reset()
+    assert delays.next() == 0.5
+    high = Delays(base=0.5, cap=4.0, jitter=lambda: 0.999)
+    assert max(high.next() for _ in range(10)) <= 4.0  # jitter never pushes past the cap
+    with pytest.raises(ValueError):
+        Delays(base=0, cap=1)
+
+
+def test_a_permanent_refusal_stops_the_agents_loop_and_a_temporary_one_is_retried() -> None:
+    import threading
+
+    from appliance.agent.connected import ConnectedAgent
+    from appliance.agent.transport import GatewayError, GatewayRefusedKey, gateway_error
+
+    assert isinstance(gateway_error("revoked", status=403), GatewayRefusedKey)
+    assert type(gateway_error("busy", status=429)) is GatewayError
+    calls: list[int] = []
+    stop = threading.Event()
+
+    def step() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise GatewayError("gateway restarting", status=502)
+        raise gateway_error("this appliance's key was revoked", status=403)
+
+    thread = threading.Thread(target=ConnectedAgent._retrying, args=(stop, step))
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and stop.is_set() and len(calls) == 3  # two retries, then it stopped

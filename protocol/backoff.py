@@ -1,4 +1,10 @@
-"""Per-key exponential backoff with jitter, on an injectable clock so tests control time."""
+"""Exponential backoff with jitter, the one rule every retry in airlock follows, on an injectable clock.
+
+`Backoff` keeps per-key state (the reconciler's locations, a run's launch tries); `Delays` is the same rule for
+one loop (the agent's long poll and heartbeat, the result and metadata uplinks, userland's relay client).
+Loops retry only TemporaryError and the foreign errors that mean "no answer"; a PermanentError stops them
+with its reason (protocol/errors.py).
+"""
 
 from __future__ import annotations
 
@@ -39,3 +45,23 @@ class Backoff:
     def failures(self, key: str) -> int:
         entry = self._entries.get(key)
         return entry.failures if entry else 0
+
+
+class Delays:
+    """One loop's waits: `base * 2**n` capped at `cap`, each scaled by 0.5-1.5 (jitter), and never above `cap`.
+
+    `next()` after a failure, `reset()` after a success."""
+
+    def __init__(self, base: float, cap: float, jitter: Callable[[], float] = random.random) -> None:
+        if not 0 < base <= cap:
+            raise ValueError(f"backoff needs 0 < base <= cap, got {base} and {cap}")
+        self.base, self.cap, self.jitter = base, cap, jitter
+        self._current = base
+
+    def next(self) -> float:
+        wait = min(self._current * (0.5 + self.jitter()), self.cap)
+        self._current = min(self._current * 2, self.cap)
+        return wait
+
+    def reset(self) -> None:
+        self._current = self.base
