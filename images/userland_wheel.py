@@ -24,7 +24,7 @@ NAME = "airlock_userland"
 PACKAGES = ("userland", "protocol")
 # The oldest Dagster userland runs with; the newest a location may run is the control plane's own minor, and
 # the control plane checks that when the location loads (controlplane/relay/compat.py).
-REQUIRES = ("dagster>=1.10",)
+REQUIRES = ("dagster>=1.10", "httpx>=0.27")  # httpx: userland talks to the metadata relay with it
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 

@@ -27,6 +27,8 @@ from tests.integration.stack import ControlPlane, control_plane_and_appliance, l
 
 PROJECT = harness.ROOT / "examples" / "acme-pipelines"
 EXTRA_WHEELS = ("humanize", "setuptools", "wheel")  # the project's own dependency, and what builds it
+EVENTS = """query($id: ID!) { runOrError(runId: $id) { ... on Run { eventConnection { events { __typename
+  ... on MessageEvent { message } ... on ErrorEvent { error { message stack } } } } } } }"""
 LOAD_ERRORS = """{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError {
   __typename ... on PythonError { message } ... on RepositoryLocation { repositories { jobs { name } } } } } } } }"""
 
@@ -61,6 +63,17 @@ def _deploy(cp: ControlPlane, image_id: str, wait_s: str) -> tuple[int, str]:
                                     "--wait", wait_s], demux=True)
     out = (result.output[0] or b"").decode() + (result.output[1] or b"").decode()
     return result.exit_code, out
+
+
+def _run_story(cp: ControlPlane, run_id: str) -> str:
+    """The run's event messages and errors, to read why it failed."""
+    events = cp.graphql(EVENTS, {"id": run_id})["runOrError"]["eventConnection"]["events"]
+    lines = []
+    for e in events:
+        error = e.get("error") or {}
+        lines.append(f"{e['__typename']}: {e.get('message', '')} {error.get('message', '')} "
+                     f"{''.join(error.get('stack') or [])[-1500:]}".rstrip())
+    return "\n".join(lines)[-8000:]
 
 
 def _load_error(cp: ControlPlane) -> str | None:
@@ -101,6 +114,10 @@ def test_a_users_own_project_is_built_allowed_deployed_and_runs(tmp_path: Path) 
             assert "is not allowed by this appliance's image policy" in message, message
             assert "airlock images allow acme/pipelines" in message, message
 
+            # The agent's user cannot allow an image: the operator's file is root's to write.
+            forged = appliance.container.exec_run(["sh", "-c", "echo 'version: 1' > /etc/airlock/operator/x.yaml"],
+                                                  user="airlock-agent")
+            assert forged.exit_code != 0 and b"Permission denied" in forged.output, forged.output
             started = time.monotonic()
             allowed = appliance.container.exec_run(["airlock", "images", "allow", "acme/pipelines"])
             assert allowed.exit_code == 0, allowed.output.decode()
@@ -126,8 +143,8 @@ def test_a_users_own_project_is_built_allowed_deployed_and_runs(tmp_path: Path) 
             orders = launch(cp, "orders_job", location="acme")
             report = launch(cp, "nightly_report", {"ops": {"build_report": {"config": {"recipients": 5}}}},
                             location="acme")
-            assert wait_terminal(cp, orders) == "SUCCESS"
-            assert wait_terminal(cp, report) == "SUCCESS"
+            for run_id in (orders, report):
+                assert wait_terminal(cp, run_id) == "SUCCESS", _run_story(cp, run_id)
             times["6. two runs, launch -> SUCCESS"] = time.monotonic() - started
     finally:
         for step, seconds in times.items():
