@@ -105,6 +105,10 @@ class ConnectedAgent:
         self.queues, self.state_dir = queues, state_dir
         self.reconcile_interval, self.heartbeat_interval = reconcile_interval, heartbeat_interval
         self.wake = threading.Event()  # set when the desired set changes: reconcile now, not at the next tick
+        # Set when a location's state changes: the control plane (deploy, location list, the UI's reload) hears
+        # of LOADED or ERROR at once, not at the next heartbeat tick.
+        self.beat_now = threading.Event()
+        self._reported: tuple[tuple[str, str, str | None, str | None], ...] = ()
         self.results = ResultBatcher(client.post_results)
         registry = {WorkKind.RECONCILE_LOCATIONS: reconcile_locations_handler(desired, self.wake), **(handlers or {})}
         if runs is not None:
@@ -124,6 +128,7 @@ class ConnectedAgent:
             self.wake.wait(self.reconcile_interval)
             self.wake.clear()
             self._reconcile_once()
+        self.beat_now.set()  # the heartbeat loop sees stop now
         self.dispatcher.shutdown()
         self.results.close()
         if self.fastpath is not None:
@@ -135,6 +140,11 @@ class ConnectedAgent:
                                                                    refused=self.desired.refused))
         except Exception as exc:  # a failed pass is retried on the next tick
             log.warning("reconcile pass failed, will retry: %s", exc)
+        states = tuple(sorted((s.name, s.state.value, s.container_id, s.error)
+                              for s in self.reconciler.statuses.values()))
+        if states != self._reported:
+            self._reported = states
+            self.beat_now.set()
         if self.fastpath is not None:
             self.fastpath.servers(code_server_addresses(self.reconciler.statuses))
             self.fastpath.revive()
@@ -213,7 +223,8 @@ class ConnectedAgent:
                        "container": s.container_id} for s in list(self.reconciler.statuses.values())]
             runs = self.runs.runs() if self.runs is not None else []
             self.client.heartbeat(states, running_containers=len(states) + len(runs), runs=runs)
-            stop.wait(self.heartbeat_interval)
+            self.beat_now.wait(self.heartbeat_interval)
+            self.beat_now.clear()
 
         self._retrying(stop, beat)
 

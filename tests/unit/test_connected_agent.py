@@ -47,7 +47,8 @@ def desired(*names: str, memory: str = "512m") -> dict:
 
 
 @pytest.fixture
-def world(tmp_path: Path):
+def world(tmp_path: Path, request: pytest.FixtureRequest):
+    heartbeat_interval = getattr(request, "param", 0.2)
     app = build_app(sa.create_engine(f"sqlite:///{tmp_path}/cp.db"), SigningKey.generate())
     http = TestClient(app, base_url="https://gateway")
     state = tmp_path / "state"
@@ -57,7 +58,7 @@ def world(tmp_path: Path):
     reconciler = FakeReconciler()
     desired_locations = DesiredLocations(str(state), POLICY)
     agent = ConnectedAgent(client, reconciler, desired_locations, queues=["default"],  # type: ignore[arg-type]
-                           state_dir=str(state), reconcile_interval=0.2, heartbeat_interval=0.2)
+                           state_dir=str(state), reconcile_interval=0.2, heartbeat_interval=heartbeat_interval)
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()
@@ -145,6 +146,23 @@ def test_heartbeat_reaches_the_control_plane(world) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("no heartbeat with the location arrived")
+
+
+@pytest.mark.parametrize("world", [60.0], indirect=True)  # a heartbeat a minute: the change must not wait for it
+def test_a_change_of_state_is_reported_at_once_not_at_the_next_heartbeat(world) -> None:
+    app, _, _, _ = world
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(a["heartbeat"] for a in app.state.store.list_agents()):
+        time.sleep(0.05)  # the first beat, at start
+    started = time.monotonic()
+    app.state.queue.enqueue("prod", "default", "RECONCILE_LOCATIONS", desired("alpha"))
+    while time.monotonic() - started < 10:
+        beats = [json.loads(a["heartbeat"]) for a in app.state.store.list_agents() if a["heartbeat"]]
+        if beats and beats[-1]["locations"]:
+            assert time.monotonic() - started < 5  # well inside the minute
+            return
+        time.sleep(0.05)
+    raise AssertionError("the new location's state waited for the next heartbeat")
 
 
 class RecordingTunnel:
