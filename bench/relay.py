@@ -51,7 +51,6 @@ import platform
 import shutil
 import signal
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -209,7 +208,6 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
     """The real ConnectedAgent with a stand-in reconciler that reports the bench's code server as LOADED.
     `mode` is how work arrives: "channel" (as shipped) or "poll" (signed long polls)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import httpx
 
     from appliance.agent.channel import WorkChannel
     from appliance.agent.connected import ConnectedAgent, DesiredLocations
@@ -218,7 +216,7 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
     from appliance.agent.grpc_replay import GrpcReplayer
     from appliance.agent.identity import ensure_enrolled, load_or_create_key
     from appliance.agent.status import ApplianceStatus, LocationStatus, State
-    from appliance.agent.transport import GatewayClient
+    from appliance.agent.transport import GatewayClient, https_client, tls_context
     from appliance.policy import load_policy
     from protocol.work import SignedWork, WorkKind
 
@@ -258,11 +256,10 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
         def __init__(self) -> None:
             self.statuses = {LOCATION: LocationStatus(LOCATION, State.LOADED, container=code_server)}
 
-        def reconcile(self, _locations: object) -> ApplianceStatus:
+        def reconcile(self, _locations: object, **_: object) -> ApplianceStatus:
             return ApplianceStatus("bench", time.time(), dict(self.statuses))
 
-    http = httpx.Client(base_url=base_url, verify=ssl.create_default_context(cafile=ca_file),
-                        timeout=httpx.Timeout(60.0, connect=10.0))  # as appliance/agent/run.py builds it
+    http = https_client(base_url, ca_file)  # as appliance/agent/run.py builds it
     client = TimedClient(http, load_or_create_key(state_dir))
     ensure_enrolled(client, state_dir, token=token, queues=[QUEUE])
     reconciler = StandInReconciler()
@@ -288,7 +285,7 @@ def agent_main(conn: Connection, base_url: str, ca_file: str, state_dir: str, to
 
         return start(work, answered)
 
-    tls = ssl.create_default_context(cafile=ca_file)
+    tls = tls_context(ca_file)
 
     def open_channel() -> WorkChannel:  # as appliance/agent/run.py opens it
         return TimedChannel.open(client, base_url, [QUEUE], ssl_context=tls)

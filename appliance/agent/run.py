@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import ssl
 import sys
 import threading
 import time
@@ -141,7 +140,7 @@ def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, st
     from appliance.agent.identity import KeyFile, ensure_enrolled
     from appliance.agent.runs import RelayControl, RunManager
     from appliance.agent.status import LocationStatus
-    from appliance.agent.transport import GatewayClient, https_client
+    from appliance.agent.transport import GatewayClient, https_client, tls_context
     from appliance.metadata.tokens import RunTokens
     from protocol.fastpath import find_binary
     from protocol.work import WorkKind
@@ -158,7 +157,7 @@ def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, st
                       RelayControl(settings.metadata_control_socket), lambda: desired.locations, settings.egress_port)
     open_channel = None
     if settings.work_channel == "channel":
-        tls = ssl.create_default_context(cafile=settings.ca_file or None)
+        tls = tls_context(settings.ca_file)
 
         def open_channel() -> WorkChannel:
             return WorkChannel.open(client, settings.control_plane_url, list(settings.queues), ssl_context=tls)

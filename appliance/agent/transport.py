@@ -78,10 +78,15 @@ class Enrollment:
     control_plane_key_id: str
 
 
-def https_client(url: str, ca_file: str = "") -> httpx.Client:
-    """The HTTPS client to the agent API: the given CA only when there is one (a self-hosted control plane)."""
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
-    return httpx.Client(base_url=url, verify=verify, timeout=httpx.Timeout(60.0, connect=10.0))
+def tls_context(ca_file: str = "") -> ssl.SSLContext:
+    """The one trust rule for the control plane, for HTTPS and the work channel alike: the operator's CA file
+    when there is one (a self-hosted control plane), else the system's CAs."""
+    return ssl.create_default_context(cafile=ca_file or None)
+
+
+def https_client(url: str, ca_file: str = "", *, timeout: float = 60.0) -> httpx.Client:
+    """The one HTTPS client factory for the agent API (the agent, the metadata relay, the CLI, the bench)."""
+    return httpx.Client(base_url=url, verify=tls_context(ca_file), timeout=httpx.Timeout(timeout, connect=10.0))
 
 
 class KeySource(Protocol):

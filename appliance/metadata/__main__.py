@@ -10,17 +10,15 @@ import argparse
 import asyncio
 import logging
 import os
-import ssl
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import uvicorn
 
 from appliance.agent.identity import KeyFile, load_enrollment
-from appliance.agent.transport import GatewayClient
+from appliance.agent.transport import GatewayClient, https_client
 from appliance.logs import configure
 from appliance.metadata.app import RelayState, control_app, worker_app
 from appliance.metadata.forwarder import Forwarder
@@ -66,8 +64,7 @@ def main() -> None:
         threading.Event().wait()
     _wait_for_enrollment(settings.state_dir)
 
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else True
-    http = httpx.Client(base_url=settings.control_plane_url, verify=verify, timeout=httpx.Timeout(120.0, connect=10.0))
+    http = https_client(settings.control_plane_url, settings.ca_file, timeout=120.0)
     upstream = GatewayStorage(GatewayClient(http, KeyFile(settings.state_dir)))
     spool = Spool(os.path.join(settings.state_dir, "spool"), max_bytes=args.max_spool_bytes)
     state = RelayState(spool=spool, tokens=RunTokens.load_or_create(settings.state_dir), upstream=upstream)
