@@ -18,9 +18,15 @@ from typing import Literal
 
 from protocol.errors import PermanentError
 
-__all__ = ["CALLS", "CodecError", "Mode", "StorageCallRefused", "call_mode"]
+__all__ = ["CALLS", "COMPUTE_LOG_MAX_BYTES", "EXIT_METHOD", "CodecError", "Mode", "StorageCallRefused", "call_mode"]
 
 Mode = Literal["write", "call"]
+
+# The run's exit report: spooled by the agent's control socket only (never accepted from a run worker), applied
+# by the control plane after the run's own events (controlplane/storage/service.py).
+EXIT_METHOD = "airlock.run_exited"
+# How much of one step's stdout or stderr the control plane keeps (userland uploads at most this much).
+COMPUTE_LOG_MAX_BYTES = 50 * 1024 * 1024
 
 
 class StorageCallRefused(PermanentError):

@@ -20,12 +20,13 @@ from dagster._core.storage.compute_log_manager import CapturedLogContext, Comput
 from dagster._core.storage.local_compute_log_manager import IO_TYPE_EXTENSION, LocalComputeLogManager
 from dagster._serdes import ConfigurableClassData
 
+from protocol.storage_calls import COMPUTE_LOG_MAX_BYTES
 from userland.client import RelayClient, client_from_env
 
 __all__ = ["RelayComputeLogManager"]
 
 log = logging.getLogger("airlock.userland.compute_logs")
-DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+DEFAULT_MAX_BYTES = COMPUTE_LOG_MAX_BYTES
 CHUNK_BYTES = 256 * 1024
 IO_TYPES = (ComputeIOType.STDOUT, ComputeIOType.STDERR)
 

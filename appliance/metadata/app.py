@@ -32,14 +32,13 @@ from appliance.metadata.spool import Spool, SpoolFull
 from appliance.metadata.tokens import RunScope, RunTokens, TokenRefused
 from protocol.errors import PermanentError
 from protocol.limits import MAX_RECORD_BYTES, record_too_large
-from protocol.storage_calls import CALLS
+from protocol.storage_calls import CALLS, EXIT_METHOD
 
 __all__ = ["MAX_RECORD_BYTES", "RelayState", "StorageCalls", "control_app", "worker_app"]
 
 log = logging.getLogger("airlock.metadata")
 MAX_BODY = 64 * 1024 * 1024  # a step's compute log (50 MB by default) plus its encoding
 MAX_WRITES = 10_000  # records in one write request (userland sends at most 1,000)
-EXIT_METHOD = "airlock.run_exited"  # only the agent's control socket can spool this one
 
 
 class RecordTooLarge(PermanentError, ValueError):

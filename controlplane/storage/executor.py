@@ -15,7 +15,7 @@ from typing import Any
 
 from controlplane.storage import scope as scopes
 from controlplane.storage.scope import Scope
-from protocol.storage_calls import StorageCallRefused, call_mode
+from protocol.storage_calls import COMPUTE_LOG_MAX_BYTES, StorageCallRefused, call_mode
 from protocol.storage_codec import CodecError, decode, encode
 
 __all__ = ["StorageExecutor"]
@@ -25,7 +25,7 @@ TRUNCATED_MARK = "\n[airlock: compute log truncated at {limit} bytes]\n"
 
 
 class StorageExecutor:
-    def __init__(self, instance: Any, *, compute_log_limit: int = 50 * 1024 * 1024) -> None:
+    def __init__(self, instance: Any, *, compute_log_limit: int = COMPUTE_LOG_MAX_BYTES) -> None:
         self.instance, self.compute_log_limit = instance, compute_log_limit
 
     def store_events(self, scope: Scope, calls: list[tuple[str, str]]) -> list[str | None]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from controlplane.storage.scope import LOCATION_WIDE, Scope
-from protocol.storage_calls import CodecError, StorageCallRefused
+from protocol.storage_calls import EXIT_METHOD, CodecError, StorageCallRefused
 
 if TYPE_CHECKING:
     from controlplane.storage.executor import StorageExecutor
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["EXIT_METHOD", "StorageService", "applied_writes", "metadata"]
 
 log = logging.getLogger("airlock.controlplane.storage")
-EXIT_METHOD = "airlock.run_exited"
 metadata = sa.MetaData()
 
 applied_writes = sa.Table(

@@ -14,10 +14,11 @@ import pytest
 from starlette.testclient import TestClient
 
 from appliance.agent.transport import GatewayError
-from appliance.metadata.app import EXIT_METHOD, MAX_RECORD_BYTES, RelayState, control_app, worker_app
+from appliance.metadata.app import MAX_RECORD_BYTES, RelayState, control_app, worker_app
 from appliance.metadata.forwarder import Forwarder
 from appliance.metadata.spool import Spool, SpooledBatch, SpoolFull
 from appliance.metadata.tokens import RunScope, RunTokens, TokenRefused
+from protocol.storage_calls import EXIT_METHOD
 
 RUN, OTHER = "0b6c1c9e-1111-4c1e-9d7a-000000000001", "0b6c1c9e-2222-4c1e-9d7a-000000000002"
 
