@@ -22,7 +22,7 @@ from dagster._core.storage.event_log.base import PoolConfig  # noqa: E402
 from controlplane.storage.executor import StorageExecutor  # noqa: E402
 from controlplane.storage.scope import Scope  # noqa: E402
 from controlplane.storage.service import StorageService  # noqa: E402
-from protocol.storage_calls import CodecError, StorageCallRefused  # noqa: E402
+from protocol.storage_calls import EXIT_METHOD, CodecError, StorageCallRefused  # noqa: E402
 from protocol.storage_codec import decode, encode  # noqa: E402
 from tests.unit.storage_loopback import Loopback, example_run, user_instance  # noqa: E402
 from userland.client import RelayClient  # noqa: E402
