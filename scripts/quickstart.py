@@ -150,7 +150,11 @@ def up() -> int:
     stack.compose("up", "-d", "--no-build", "appliance", env=images)
 
     say("waiting for the example code location (served from the appliance) ...")
-    wait("the example location loaded in the control plane", lambda: _example_loaded(stack), 300)
+    try:
+        wait("the example location loaded in the control plane", lambda: _example_loaded(stack), 300)
+    except SystemExit:
+        _explain_location(stack)
+        raise
     run_id = launch_example(stack.graphql)
     say(f"launched {EXAMPLE_JOB} as run {run_id}; it runs in a hardened container the appliance starts ...")
     run = wait(f"run {run_id} finished", lambda: _finished(stack, run_id), 300)
@@ -192,6 +196,21 @@ def _example_loaded(stack: Stack) -> bool:
     location = (entry or {}).get("locationOrLoadError") or {}
     return location.get("__typename") == "RepositoryLocation" and any(
         job["name"] == EXAMPLE_JOB for repo in location["repositories"] for job in repo["jobs"])
+
+
+def _explain_location(stack: Stack) -> None:
+    """Why the location did not load, as the user would look for it: the control plane's and the appliance's
+    view of it, and the appliance's last log lines (sockguard's allowed calls left out)."""
+    for what, probe in (("airlock-cp location list", lambda: stack.cp_cli("location", "list")),
+                        ("airlock status", lambda: stack.container(NAME).exec_run(["airlock", "status"]).output.decode(
+                            errors="replace")),
+                        ("appliance log", lambda: "\n".join(
+                            line for line in stack.container(NAME).logs(tail=400).decode(errors="replace").splitlines()
+                            if '"sockguard.decision", "allow": true' not in line)[-4000:])):
+        try:
+            print(f"[quickstart] {what}:\n{probe()}", flush=True)
+        except (SystemExit, docker.errors.DockerException) as exc:
+            print(f"[quickstart] {what}: unavailable ({exc})", flush=True)
 
 
 def _finished(stack: Stack, run_id: str) -> dict | None:
