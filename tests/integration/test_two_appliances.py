@@ -33,6 +33,7 @@ def readme_docker_run(appliance_id: str, queue: str, image: str) -> str:
     block = text.split("<!-- docker-run-line")[1].split("```sh\n", 1)[1].split("```", 1)[0]
     for old, new in (("--name airlock-appliance ", f"--name airlock-appliance-{appliance_id} "),
                      ("airlock-state:", f"airlock-state-{appliance_id}:"),
+                     ("airlock-operator:", f"airlock-operator-{appliance_id}:"),  # harness.Appliance removes it
                      ("AIRLOCK_APPLIANCE_ID=vm1", f"AIRLOCK_APPLIANCE_ID={appliance_id}"),
                      ("AIRLOCK_QUEUES=default", f"AIRLOCK_QUEUES={queue}"),
                      ("airlock/appliance:latest", image)):
