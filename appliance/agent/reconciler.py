@@ -63,7 +63,6 @@ class Reconciler:
                 network = self.engine.ensure_network(name, attach=self.appliance_container)
                 subnets[name] = list(network.subnets)
                 image = self.engine.image(location.image)
-                image_id = image.id
                 allowed, why = (self.images.current() if self.images else self.policy.images).decide(
                     image.id, image.tags, image.digests)
                 if not allowed:  # no backoff: the moment the operator allows it, the next pass starts it
@@ -71,7 +70,7 @@ class Reconciler:
                     continue
                 token = self.location_token(name) if self.location_token else None
                 specs[name] = code_server_spec(location, self.policy, appliance_id=self.engine.appliance_id,
-                                               image_id=image_id, egress_port=self.egress_port, storage_token=token)
+                                               image_id=image.id, egress_port=self.egress_port, storage_token=token)
             except LauncherError as exc:
                 self._set(name, State.ERROR, error=str(exc))
                 self.backoff.failed(name)

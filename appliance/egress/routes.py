@@ -21,6 +21,7 @@ from pathlib import Path
 from appliance.egress import log_event
 from appliance.egress.resolve import Address, IPNetwork, unwrap
 from appliance.policy import HostPort
+from appliance.policy.files import file_stamp
 from protocol.errors import PolicyError
 from protocol.fields import SUPPORTED_VERSION, Fields
 
@@ -104,11 +105,7 @@ class RoutesFile:
         self._table = RouteTable(error="routes file not loaded yet")
 
     def current(self) -> RouteTable:
-        try:
-            st = self.path.stat()
-            stamp: object = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        except OSError as exc:
-            stamp = ("unreadable", exc.errno)
+        stamp = file_stamp(self.path)
         if stamp != self._stamp:
             self._stamp = stamp
             self._table = self._load()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from appliance.policy.files import read_yaml
+from appliance.policy.files import file_stamp, read_yaml
 from appliance.policy.model import ImagePolicy
 from protocol.errors import PolicyError
 from protocol.fields import SUPPORTED_VERSION
@@ -159,13 +159,7 @@ class LiveImages:
     def current(self) -> ImagePolicy:
         if self.path is None:
             return self.base
-        try:
-            st = os.stat(self.path)
-            stamp: object = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        except FileNotFoundError:
-            stamp = "absent"
-        except OSError as exc:
-            stamp = f"unreadable: {exc}"
+        stamp = file_stamp(self.path)
         with self._lock:
             if stamp != self._stamp:
                 self._stamp = stamp
