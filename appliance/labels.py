@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 MANAGED = "airlock.managed"  # "true" on every container and network the appliance creates
-ROLE = "airlock.role"  # code-server | run | probe | network | appliance
+ROLE = "airlock.role"  # code-server | run | probe | network | appliance | artifacts | artifacts-layer | ...
 LOCATION = "airlock.location"
 SPEC_HASH = "airlock.spec-hash"
 APPLIANCE_ID = "airlock.appliance-id"
@@ -14,6 +14,9 @@ ROLE_CODE_SERVER = "code-server"
 ROLE_RUN = "run"
 ROLE_PROBE = "probe"
 ROLE_NETWORK = "network"
+ROLE_ARTIFACTS = "artifacts"  # a location's artifact volume: the noexec overlay its containers mount
+ROLE_ARTIFACTS_LAYER = "artifacts-layer"  # the plain volumes under that overlay; never mounted in a container
+ROLE_ARTIFACTS_PREP = "artifacts-prep"  # created (never started) once so Docker makes the volume writable
 
 
 def is_managed(labels: dict[str, str] | None) -> bool:

@@ -144,8 +144,9 @@ def cmd_location_update(ctx: _Context) -> int:
 
 
 def cmd_location_remove(ctx: _Context) -> int:
-    ctx.registry.remove(ctx.args.deployment, ctx.args.name)
-    print(f"removed {ctx.args.name}")
+    ctx.registry.remove(ctx.args.deployment, ctx.args.name, purge=ctx.args.purge)
+    print(f"removed {ctx.args.name}" + (" (its artifact volume will be deleted on the appliance)"
+                                         if ctx.args.purge else " (its artifact volume stays on the appliance)"))
     return _after_change(ctx)
 
 
@@ -325,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_location_update)
     p = location.add_parser("remove", parents=[deployment])
     p.add_argument("name")
+    p.add_argument("--purge", action="store_true",
+                   help="also delete the location's artifact volume (its IO manager files) on the appliance")
     p.set_defaults(func=cmd_location_remove)
     p = location.add_parser("list", parents=[deployment])
     p.add_argument("--json", action="store_true")

@@ -218,11 +218,13 @@ class Registry:
         self.publish(deployment, spec.queue, *((old.spec.queue,) if old is not None else ()))
         return record, "added" if old is None else "updated"
 
-    def remove(self, deployment: str, name: str, *, source: str = "location remove") -> None:
+    def remove(self, deployment: str, name: str, *, source: str = "location remove", purge: bool = False) -> None:
+        """Remove the location; with `purge`, the appliance also deletes its artifact volume once nothing of it
+        runs (without, the files stay, and adding the location back finds them)."""
         with self._write(source) as conn:
             old = self._rows(conn, deployment, name, required_by=source)[0]
             conn.execute(sa.delete(locations).where(locations.c.deployment == deployment, locations.c.name == name))
-        self.publish(deployment, old.spec.queue)
+        self.publish(deployment, old.spec.queue, purge=(name,) if purge else ())
 
     def apply(self, path: str | Path, deployment: str) -> ApplyResult:
         """Make the deployment's registry equal the file: validate all of it first, then one transaction."""
@@ -243,16 +245,19 @@ class Registry:
         unchanged = tuple(n for n in desired if n in current and n not in changed)
         return ApplyResult(tuple(added), tuple(changed), tuple(removed), unchanged)
 
-    def desired_for_queue(self, deployment: str, queue: str) -> dict[str, Any]:
-        """The RECONCILE_LOCATIONS payload: every location of this queue, each in the appliance's entry shape."""
+    def desired_for_queue(self, deployment: str, queue: str, purge: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The RECONCILE_LOCATIONS payload: every location of this queue, each in the appliance's entry shape;
+        `purge` names removed locations whose artifact volumes the appliance is to delete."""
         records = [r for r in self.list(deployment) if r.spec.queue == queue]
-        return {"deployment": deployment, "queue": queue, "as_of": self._clock(),
-                "locations": [r.spec.entry() for r in records]}
+        payload = {"deployment": deployment, "queue": queue, "as_of": self._clock(),
+                   "locations": [r.spec.entry() for r in records]}
+        return payload | ({"purge": list(purge)} if purge else {})
 
-    def publish(self, deployment: str, *queues: str) -> tuple[str, ...]:
+    def publish(self, deployment: str, *queues: str, purge: tuple[str, ...] = ()) -> tuple[str, ...]:
         """Send each queue its desired set (again, e.g. when an agent comes back); returns the work item ids."""
         return tuple(self._queue.enqueue(deployment, q, WorkKind.RECONCILE_LOCATIONS.value,
-                                         self.desired_for_queue(deployment, q), ttl_seconds=RECONCILE_TTL_SECONDS)
+                                         self.desired_for_queue(deployment, q, purge),
+                                         ttl_seconds=RECONCILE_TTL_SECONDS)
                      for q in sorted(set(queues)))
 
     @staticmethod

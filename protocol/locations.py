@@ -18,10 +18,16 @@ from typing import Any
 
 from protocol.fields import Fields
 
-__all__ = ["ENV_NAME", "FORBIDDEN_ENV", "FORBIDDEN_ENV_PREFIXES", "LOCATION_NAME", "PYTHON_NAME", "RESERVED_ENV",
-           "HostPort", "IPNetwork", "LocationRequest", "check_env_name", "parse_host_port", "parse_location"]
+__all__ = ["ARTIFACTS_DIR", "ENV_NAME", "FORBIDDEN_ENV", "FORBIDDEN_ENV_PREFIXES", "LOCATION_NAME", "PYTHON_NAME",
+           "RESERVED_ENV", "HostPort", "IPNetwork", "LocationRequest",
+           "check_env_name", "parse_host_port", "parse_location"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Where a location's persistent artifact volume sits in its code server and runs: the base_dir of the
+# LocalArtifactStorage the control plane's instance ref names, so Dagster's default IO manager writes under
+# ARTIFACTS_DIR/storage and a later run (or the code server) reads what an earlier run wrote.
+ARTIFACTS_DIR = "/var/lib/airlock/artifacts"
 
 LOCATION_NAME = r"[a-z0-9][a-z0-9_-]{0,40}"
 PYTHON_NAME = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"

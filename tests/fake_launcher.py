@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
-from appliance import labels
+from appliance import artifacts, labels
 from appliance.launcher.base import ImageRef, LocationNetwork, Workload
 from appliance.launcher.engine import LauncherError
 from appliance.launcher.spec import ContainerSpec, network_name
@@ -28,6 +28,9 @@ class FakeLauncher:
     _workloads: dict[str, Workload] = field(default_factory=dict)
     _networks: dict[str, tuple[LocationNetwork, set[str]]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    volumes: dict[str, str] = field(default_factory=dict)  # artifact volume name -> location
+    prepared: list[ContainerSpec] = field(default_factory=list)  # prep specs created (never started)
+    _mounted: dict[str, tuple[str, ...]] = field(default_factory=dict)  # workload id -> volumes it mounts
 
     def add_image(self, ref: str, *, tags: tuple[str, ...] = (), digests: tuple[str, ...] = ()) -> ImageRef:
         image = ImageRef(f"sha256:{next(self._ids):064x}", tags or ((ref,) if ":" in ref else ()), digests)
@@ -66,6 +69,25 @@ class FakeLauncher:
     def attached(self, location: str) -> set[str]:
         return set(self._networks[network_name(self.appliance_id, location)][1])
 
+    def ensure_artifacts(self, location: str, *, prep: ContainerSpec) -> str:
+        self._fail("ensure_artifacts")
+        name = artifacts.volume_name(self.appliance_id, location)
+        if name not in self.volumes:
+            self.volumes[name] = location
+            self.prepared.append(prep)
+        return name
+
+    def artifact_locations(self) -> list[str]:
+        return sorted(set(self.volumes.values()))
+
+    def remove_artifacts(self, location: str) -> None:
+        self._fail("remove_artifacts")
+        name = artifacts.volume_name(self.appliance_id, location)
+        users = [w.name for w in self._workloads.values() if name in self._mounted.get(w.id, ())]
+        if users:  # Docker refuses to remove a volume any container (even an exited one) still uses
+            raise LauncherError(f"cannot remove the artifact volume {name}: volume is in use - {users}")
+        self.volumes.pop(name, None)
+
     def workloads(self, role: str) -> list[Workload]:
         self._fail("workloads")
         return [w for w in self._workloads.values() if w.labels.get(labels.ROLE) == role
@@ -78,9 +100,14 @@ class FakeLauncher:
         image = spec.kwargs.get("image", "")
         if image not in self.images:
             raise LauncherError(f"cannot create {spec.name}: No such image: {image}")
+        sources = tuple(m["Source"] for m in spec.kwargs.get("mounts") or () if m.get("Type") == "volume")
+        missing = [v for v in sources if v not in self.volumes]
+        if missing:  # sockguard refuses a volume that is not an artifact volume made by ensure_artifacts
+            raise LauncherError(f"cannot create {spec.name}: mounts: no such artifact volume {missing[0]}")
         workload = Workload(id=f"c{next(self._ids):063x}", name=spec.name, labels=dict(spec.kwargs.get("labels") or {}),
                             state="running")
         self._workloads[workload.id] = workload
+        self._mounted[workload.id] = sources
         self.started.append(spec)
         return workload
 
@@ -91,6 +118,7 @@ class FakeLauncher:
     def remove(self, workload: Workload) -> None:
         self._fail("remove")
         self._workloads.pop(workload.id, None)
+        self._mounted.pop(workload.id, None)
 
     def log_tail(self, workload: Workload, lines: int = 30) -> str:
         return "\n".join(self.logs.get(workload.name, "").splitlines()[-lines:])

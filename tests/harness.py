@@ -142,6 +142,11 @@ def cleanup(dc: docker.DockerClient, appliance_id: str) -> None:
         n.remove()
     for n in dc.networks.list(filters={"label": f"airlock.test-run={appliance_id}"}):
         n.remove()
+    # Artifact volumes: the overlays first (their layers are busy while an overlay is mounted anywhere).
+    volumes = dc.volumes.list(filters={"label": f"airlock.appliance-id={appliance_id}"})
+    for v in sorted(volumes, key=lambda v: (v.attrs.get("Labels") or {}).get("airlock.role") != "artifacts"):
+        with contextlib.suppress(docker.errors.NotFound):
+            v.remove(force=True)
 
 
 def locations_yaml(*entries: str) -> str:

@@ -24,7 +24,9 @@ class Bench:
     launcher: Launcher
     image: str  # a reference the launcher's engine has
     appliance: str  # the container that plays the appliance (attached to location networks)
-    spec: Callable[[str, str], ContainerSpec]  # (name, role) -> a spec that runs `echo ready; sleep` in `image`
+    spec: Callable[..., ContainerSpec]  # (name, role, artifacts_of=None) -> runs `echo ready; sleep` in `image`,
+    # with the artifact volume of location `artifacts_of` mounted when given
+    prep: Callable[[str], ContainerSpec]  # location -> its artifacts_prep_spec
 
 
 def _eventually(check: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -74,6 +76,25 @@ def a_workload_starts_is_listed_by_role_stops_and_is_removed(bench: Bench) -> No
     launcher.remove(workload)  # already gone: not an error
 
 
+def an_artifact_volume_is_made_once_kept_while_mounted_and_purged(bench: Bench) -> None:
+    launcher, location = bench.launcher, "contract-art"
+    name = launcher.ensure_artifacts(location, prep=bench.prep(location))
+    assert launcher.ensure_artifacts(location, prep=bench.prep(location)) == name  # idempotent
+    assert location in launcher.artifact_locations()
+    user = launcher.start(bench.spec("contract-user", labels.ROLE_RUN, artifacts_of=location))
+    try:
+        with pytest.raises(LauncherError) as err:  # in use: refused, the files stay
+            launcher.remove_artifacts(location)
+        assert not isinstance(err.value, EngineUnavailable)
+        assert location in launcher.artifact_locations()
+    finally:
+        launcher.remove(user)
+    launcher.remove_artifacts(location)
+    assert location not in launcher.artifact_locations()
+    launcher.remove_artifacts(location)  # already gone: not an error
+
+
 CONTRACT = (images_resolve_and_a_missing_one_is_a_permanent_error,
+            an_artifact_volume_is_made_once_kept_while_mounted_and_purged,
             a_location_network_is_made_once_attached_listed_and_removed,
             a_workload_starts_is_listed_by_role_stops_and_is_removed)

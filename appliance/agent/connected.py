@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from appliance.policy import DesiredSet, Location, Policy, PolicyError, desired_
 from protocol.backoff import Delays
 from protocol.errors import PermanentError
 from protocol.files import write_atomic
+from protocol.locations import LOCATION_NAME
 from protocol.work import SignedWork, WorkKind, failed_result, ok_result
 
 log = logging.getLogger("airlock.agent.connected")
@@ -49,10 +51,12 @@ class DesiredLocations:
         self._lock = threading.Lock()
         self.locations: tuple[Location, ...] = ()
         self.refused: dict[str, str] = {}
+        self.purge: tuple[str, ...] = ()  # removed locations whose artifact volume is to be deleted
         if self.path.exists():
             try:
-                checked = self._check(json.loads(self.path.read_text()))
-                self.locations, self.refused = checked.accepted, dict(checked.refused)
+                data = json.loads(self.path.read_text())
+                checked = self._check(data)
+                self.locations, self.refused, self.purge = checked.accepted, dict(checked.refused), _purge(data)
             except (PolicyError, ValueError) as exc:
                 log.error("ignoring the stored desired locations: %s", exc)
 
@@ -64,7 +68,7 @@ class DesiredLocations:
 
     def update(self, data: Any) -> DesiredSet:
         try:
-            checked = self._check(data)
+            checked, purge = self._check(data), _purge(data)
         except PolicyError as exc:
             raise HandlerError(f"refused by this appliance's policy: {exc}") from None
         with self._lock:
@@ -73,10 +77,19 @@ class DesiredLocations:
             write_atomic(self.path, json.dumps(data), mode=0o600)
             self.locations = checked.accepted + kept
             self.refused = dict(checked.refused)
+            self.purge = purge
         for name, reason in checked.refused.items():
             log.warning("location %s refused by this appliance's policy%s: %s", name,
                         " (its last accepted spec stays)" if name in previous else "", reason)
         return checked
+
+
+def _purge(data: Any) -> tuple[str, ...]:
+    """The payload's optional `purge`: names of removed locations whose files the operator chose to delete."""
+    names = data.get("purge", []) if isinstance(data, dict) else []
+    if not isinstance(names, list) or not all(isinstance(n, str) and re.fullmatch(LOCATION_NAME, n) for n in names):
+        raise PolicyError("control plane RECONCILE_LOCATIONS: purge must be a list of location names")
+    return tuple(names)
 
 
 def reconcile_locations_handler(desired: DesiredLocations, wake: threading.Event) -> Handler:
@@ -137,7 +150,8 @@ class ConnectedAgent:
     def _reconcile_once(self) -> None:
         try:
             write_status(self.state_dir, self.reconciler.reconcile(self.desired.locations,
-                                                                   refused=self.desired.refused))
+                                                                   refused=self.desired.refused,
+                                                                   purge=self.desired.purge))
         except Exception as exc:  # a failed pass is retried on the next tick
             log.warning("reconcile pass failed, will retry: %s", exc)
         states = tuple(sorted((s.name, s.state.value, s.container_id, s.error)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,7 +22,7 @@ from appliance.agent.routes import render_routes, write_routes
 from appliance.agent.status import ApplianceStatus, LocationStatus, State, now
 from appliance.launcher.base import Launcher, Workload
 from appliance.launcher.engine import LauncherError
-from appliance.launcher.spec import ContainerSpec, code_server_spec
+from appliance.launcher.spec import ContainerSpec, artifacts_prep_spec, code_server_spec
 from appliance.policy import Location, Policy
 from appliance.policy.operator import LiveImages
 from protocol.backoff import Backoff
@@ -50,10 +50,12 @@ class Reconciler:
     statuses: dict[str, LocationStatus] = field(default_factory=dict)
     _known: set[str] = field(default_factory=set)  # container ids this process has seen
 
-    def reconcile(self, locations: tuple[Location, ...], *,
-                  refused: Mapping[str, str] | None = None) -> ApplianceStatus:
+    def reconcile(self, locations: tuple[Location, ...], *, refused: Mapping[str, str] | None = None,
+                  purge: Collection[str] = ()) -> ApplianceStatus:
         """One pass. `refused`: locations local policy refused (name -> why); one still in `locations` keeps its
-        last accepted spec running and carries the refusal as its error, a new one is ERROR with the reason."""
+        last accepted spec running and carries the refusal as its error, a new one is ERROR with the reason.
+        `purge`: removed locations whose artifact volume the operator asked to delete (`location remove
+        --purge`); any other location's volume stays, so adding it back finds its files."""
         desired = {loc.name: loc for loc in locations}
         refused = dict(refused or {})
         specs: dict[str, ContainerSpec] = {}
@@ -68,6 +70,8 @@ class Reconciler:
                 if not allowed:  # no backoff: the moment the operator allows it, the next pass starts it
                     self._set(name, State.ERROR, image=location.image, error=f"refused by this appliance: {why}")
                     continue
+                self.engine.ensure_artifacts(name, prep=artifacts_prep_spec(
+                    location, self.policy, appliance_id=self.engine.appliance_id, image_id=image.id))
                 token = self.location_token(name) if self.location_token else None
                 specs[name] = code_server_spec(location, self.policy, appliance_id=self.engine.appliance_id,
                                                image_id=image.id, egress_port=self.egress_port, storage_token=token)
@@ -119,6 +123,7 @@ class Reconciler:
                     self.statuses[name] = dataclasses.replace(status, error=f"update {why}; the previous spec "
                                                                             f"keeps running")
         self._remove_orphan_networks(set(desired))
+        self._purge_artifacts(set(purge) - set(desired) - set(refused))
         return ApplianceStatus(self.engine.appliance_id, now(), dict(self.statuses))
 
     def _create(self, spec: ContainerSpec, location: Location) -> None:
@@ -179,6 +184,19 @@ class Reconciler:
         self.statuses[name] = LocationStatus(name=name, state=state, since=since, **fields)  # type: ignore[arg-type]
         if changed:
             log.info("location %s: %s%s", name, state.value, f" ({fields.get('error')})" if fields.get("error") else "")
+
+    def _purge_artifacts(self, names: set[str]) -> None:
+        """Delete the artifact volumes asked for once nothing of the location runs; until then, next pass."""
+        for name in sorted(names & set(self.engine.artifact_locations())):
+            busy = [w.name for role in (labels.ROLE_CODE_SERVER, labels.ROLE_RUN)
+                    for w in self.engine.workloads(role) if w.location == name]
+            if busy:
+                log.info("artifact volume of %s: purge waits for %s", name, ", ".join(busy))
+                continue
+            try:
+                self.engine.remove_artifacts(name)
+            except LauncherError as exc:
+                log.warning("artifact volume of %s not purged yet: %s", name, exc)
 
     def _remove_orphan_networks(self, desired: set[str]) -> None:
         for network in self.engine.networks():

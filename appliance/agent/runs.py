@@ -27,7 +27,7 @@ from appliance import labels
 from appliance.agent.dispatcher import HandlerError
 from appliance.launcher.base import Launcher, Workload
 from appliance.launcher.engine import EngineUnavailable, LauncherError
-from appliance.launcher.spec import run_container_name, run_spec
+from appliance.launcher.spec import artifacts_prep_spec, run_container_name, run_spec
 from appliance.metadata.tokens import RunScope, RunTokens
 from appliance.policy import Location, Policy
 from protocol.backoff import Backoff
@@ -106,6 +106,8 @@ class RunManager:
         if existing is not None:  # created by a try whose answer was lost, never started: start afresh
             self.engine.remove(existing)
         image_id = self.engine.image(location.image).id
+        self.engine.ensure_artifacts(location.name, prep=artifacts_prep_spec(
+            location, self.policy, appliance_id=self.engine.appliance_id, image_id=image_id))
         token = self.tokens.mint(RunScope(run_id=run_id, location=location.name))
         spec = run_spec(location, self.policy, appliance_id=self.engine.appliance_id, image_id=image_id,
                         run_id=run_id, execute_run_args=execute_run_args, token=token, egress_port=self.egress_port)

@@ -93,6 +93,19 @@ class Launcher(Protocol):
         """Take the appliance off the network, then remove it."""
         ...
 
+    def ensure_artifacts(self, location: str, *, prep: ContainerSpec) -> str:
+        """The location's persistent artifact volume (appliance/artifacts.py), made if missing and made writable
+        for the containers' user by creating (never starting) `prep` (spec.artifacts_prep_spec); its name."""
+        ...
+
+    def artifact_locations(self) -> list[str]:
+        """The locations that have an artifact volume on this engine."""
+        ...
+
+    def remove_artifacts(self, location: str) -> None:
+        """Delete the location's artifact volume and its layers (its files). LauncherError while one is in use."""
+        ...
+
     def workloads(self, role: str) -> list[Workload]:
         """This appliance's workloads of one role (labels.ROLE_CODE_SERVER, labels.ROLE_RUN), exited ones too."""
         ...

@@ -17,7 +17,7 @@ import requests
 from docker.models.containers import Container
 from docker.models.networks import Network
 
-from appliance import labels
+from appliance import artifacts, labels
 from appliance.launcher.base import ImageRef, LocationNetwork, Workload
 from appliance.launcher.spec import EGRESS_ALIAS, METADATA_ALIAS, ContainerSpec, network_name
 from protocol.errors import AirlockError, TemporaryError
@@ -57,6 +57,11 @@ class Engine:
     def __init__(self, client: docker.DockerClient, appliance_id: str) -> None:
         self.client = client
         self.appliance_id = appliance_id
+        self._prepared: set[str] = set()  # artifact volumes made writable by this process
+
+    def _labels(self, role: str, location: str) -> dict[str, str]:
+        return {labels.MANAGED: "true", labels.ROLE: role, labels.LOCATION: location,
+                labels.APPLIANCE_ID: self.appliance_id}
 
     @classmethod
     def connect(cls, base_url: str, appliance_id: str) -> Engine:
@@ -131,6 +136,52 @@ class Engine:
                 if cid.startswith(detach):
                     found.disconnect(detach, force=True)
             found.remove()
+
+    # -- artifact volumes -------------------------------------------------------------------------
+    def ensure_artifacts(self, location: str, *, prep: ContainerSpec) -> str:
+        """Layers first, then the noexec overlay over their engine-reported Mountpoints, then (once per process,
+        harmless again: Docker copies only onto an empty volume) the create-only `prep` container."""
+        name = artifacts.volume_name(self.appliance_id, location)
+        with self._mapped(f"cannot create the artifact volume {name}"):
+            have = {v.name: v for v in self.client.volumes.list(filters={"label": [
+                f"{labels.MANAGED}=true", f"{labels.APPLIANCE_ID}={self.appliance_id}",
+                f"{labels.LOCATION}={location}"]})}
+            if name not in have:
+                points = {}
+                for layer in artifacts.LAYERS:
+                    layer_name = artifacts.layer_name(name, layer)
+                    volume = have.get(layer_name) or self.client.volumes.create(
+                        layer_name, driver="local", labels=self._labels(labels.ROLE_ARTIFACTS_LAYER, location))
+                    volume.reload()
+                    points[layer] = str(volume.attrs.get("Mountpoint") or "")
+                log.info("creating artifact volume %s for location %s", name, location)
+                self.client.volumes.create(name, driver="local", driver_opts=artifacts.overlay_options(points),
+                                           labels=self._labels(labels.ROLE_ARTIFACTS, location))
+        if name not in self._prepared:
+            with self._mapped(f"cannot prepare the artifact volume {name}"):
+                container = self.client.containers.create(**prep.kwargs)
+            self._remove_id(container.id, container.name)
+            self._prepared.add(name)
+        return name
+
+    def artifact_locations(self) -> list[str]:
+        with self._mapped("cannot list artifact volumes"):
+            found = self.client.volumes.list(filters={"label": [
+                f"{labels.MANAGED}=true", f"{labels.APPLIANCE_ID}={self.appliance_id}",
+                f"{labels.ROLE}={labels.ROLE_ARTIFACTS}"]})
+        return sorted({(v.attrs.get("Labels") or {}).get(labels.LOCATION, "") for v in found} - {""})
+
+    def remove_artifacts(self, location: str) -> None:
+        name = artifacts.volume_name(self.appliance_id, location)
+        for volume in (name, *(artifacts.layer_name(name, layer) for layer in artifacts.LAYERS)):
+            try:
+                with self._mapped(f"cannot remove the artifact volume {volume}"):
+                    self.client.volumes.get(volume).remove()
+            except LauncherError as exc:
+                if not isinstance(exc.__cause__, docker.errors.NotFound):
+                    raise
+        self._prepared.discard(name)
+        log.info("removed artifact volume %s of location %s", name, location)
 
     # -- workloads --------------------------------------------------------------------------------
     def workloads(self, role: str) -> list[Workload]:

@@ -11,9 +11,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from appliance import labels
+from docker.types import Mount
+
+from appliance import artifacts, labels
 from appliance.policy import Limits, Location, Policy
 from protocol.dagster_grpc import DEFAULT_PORT
+from protocol.locations import ARTIFACTS_DIR
 
 EGRESS_ALIAS = "airlock-egress"  # the appliance's DNS names on every location network
 METADATA_ALIAS = "airlock-metadata"
@@ -73,6 +76,11 @@ def _location_env(location: Location, egress_port: int) -> dict[str, str]:
     }
 
 
+def artifacts_mount(appliance_id: str, location: str) -> Mount:
+    """The location's artifact volume at ARTIFACTS_DIR; no_copy, so Docker never re-owns it from an image."""
+    return Mount(ARTIFACTS_DIR, artifacts.volume_name(appliance_id, location), type="volume", no_copy=True)
+
+
 def code_server_spec(location: Location, policy: Policy, *, appliance_id: str, image_id: str,
                      egress_port: int, storage_token: str | None = None) -> ContainerSpec:
     """A code server: `dagster api grpc` for one location, on that location's internal network.
@@ -92,6 +100,7 @@ def code_server_spec(location: Location, policy: Policy, *, appliance_id: str, i
                     "--lazy-load-user-code", *target],
         "environment": env,
         "network": network,
+        "mounts": [artifacts_mount(appliance_id, location.name)],
         "restart_policy": {"Name": "on-failure", "MaximumRetryCount": policy.hardening.restart_max_retries},
         "healthcheck": {
             "test": ["CMD", "dagster", "api", "grpc-health-check", "--port", str(DEFAULT_PORT)],
@@ -133,6 +142,7 @@ def run_spec(location: Location, policy: Policy, *, appliance_id: str, image_id:
         "command": ["dagster", "api", "execute_run", execute_run_args],
         "environment": env,
         "network": network_name(appliance_id, location.name),
+        "mounts": [artifacts_mount(appliance_id, location.name)],
         **hardened_kwargs(policy, location.limits, location.runtime),
     }
     digest = spec_hash({k: v for k, v in kwargs.items() if k != "environment"})
@@ -147,4 +157,21 @@ def run_spec(location: Location, policy: Policy, *, appliance_id: str, image_id:
     }
     kwargs["name"] = name
     kwargs["hostname"] = f"run-{run_id[:8]}"
+    return ContainerSpec(name=name, kwargs=kwargs, spec_hash=digest)
+
+
+def artifacts_prep_spec(location: Location, policy: Policy, *, appliance_id: str, image_id: str) -> ContainerSpec:
+    """A container that is created and removed, never started: creating it makes Docker copy the image's /tmp
+    owner and mode onto the still-empty artifact volume, so the non-root user can write there. Hardened like
+    every other, with no network at all."""
+    kwargs = hardened_kwargs(policy, location.limits, location.runtime)
+    kwargs["tmpfs"] = {k: v for k, v in kwargs["tmpfs"].items() if k != artifacts.PREP_TARGET}
+    volume = artifacts.volume_name(appliance_id, location.name)
+    kwargs |= {"image": image_id, "command": ["true"], "network_mode": "none",
+               "mounts": [Mount(artifacts.PREP_TARGET, volume, type="volume", no_copy=False)]}
+    digest = spec_hash(kwargs)
+    name = f"{volume}-prep-{digest[:8]}"
+    kwargs["labels"] = {labels.MANAGED: "true", labels.ROLE: labels.ROLE_ARTIFACTS_PREP,
+                        labels.LOCATION: location.name, labels.APPLIANCE_ID: appliance_id, labels.SPEC_HASH: digest}
+    kwargs["name"] = name
     return ContainerSpec(name=name, kwargs=kwargs, spec_hash=digest)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -28,11 +28,15 @@ _PLACEHOLDERS = {"{id}": r"(?P<id>[A-Za-z0-9][A-Za-z0-9_.-]*)", "{name}": r"(?P<
 
 @dataclass(frozen=True)
 class Found:
-    """A container or network as the engine reports it: full id, labels and (networks) Internal."""
+    """A container, network or volume as the engine reports it: full id (a volume's is its name), labels,
+    and for networks Internal, for volumes the driver, its options and the host path the engine keeps it at."""
 
     id: str
     labels: dict[str, str]
     internal: bool = False
+    driver: str = ""
+    options: Mapping[str, str] = field(default_factory=dict)
+    mountpoint: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class Lookups(Protocol):
     async def container(self, ident: str) -> Found | None: ...
 
     async def network(self, ident: str) -> Found | None: ...
+
+    async def volume(self, name: str) -> Found | None: ...
 
     async def image(self, ref: str) -> ImageInfo | None: ...
 

@@ -152,6 +152,15 @@ class EngineLookups(Lookups):
             return None
         return Found(str(doc.get("Id")), _labels(doc.get("Labels")), internal=doc.get("Internal") is True)
 
+    async def volume(self, name: str) -> Found | None:
+        doc = await self._get(f"/volumes/{name}") if _IDENT.fullmatch(name) else None
+        if doc is None:
+            return None
+        options = doc.get("Options") or {}
+        return Found(str(doc.get("Name")), _labels(doc.get("Labels")), driver=str(doc.get("Driver") or ""),
+                     options={str(k): str(v) for k, v in options.items()} if isinstance(options, dict) else {},
+                     mountpoint=str(doc.get("Mountpoint") or ""))
+
     async def image(self, ref: str) -> ImageInfo | None:
         doc = await self._get(f"/images/{ref}/json") if rules.IMAGE_REF.fullmatch(ref) else None
         if doc is None:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from appliance import labels
+from appliance import artifacts, labels
 from appliance.policy import Policy, canonical_seccomp
 from appliance.sockguard import Decision, Found, Lookups, Table, inspect
 from appliance.sockguard.inspect import (
@@ -27,11 +27,13 @@ from appliance.sockguard.inspect import (
     normalize_target,
     only_fields,
 )
+from protocol.locations import ARTIFACTS_DIR, LOCATION_NAME
 
 IMAGE_REF = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,254}")
 _FALSE = {"", "0", "no", "false", "none"}  # how dockerd's BoolValue reads a query flag as false
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}  # Go's strconv.ParseBool true forms
 _RESOLVED_ID = re.compile(r"[A-Za-z0-9]{1,128}")
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")  # a volume's id is its name
 _USER = re.compile(r"(\d+)(?::(\d+))?")
 _NAMESPACES = {"PidMode": "pid-mode", "IpcMode": "ipc-mode", "UTSMode": "uts-mode", "UsernsMode": "userns-mode"}
 _DEVICES = lowered("Devices DeviceRequests DeviceCgroupRules BlkioWeightDevice BlkioDeviceReadBps BlkioDeviceWriteBps "
@@ -51,9 +53,9 @@ class Ctx:
     policy: Policy
     lookups: Lookups
 
-    def rewrite(self, group: str, resolved: str) -> bytes:
+    def rewrite(self, group: str, resolved: str, shape: re.Pattern[str] = _RESOLVED_ID) -> bytes:
         """Forward with the engine's full id, so the action hits exactly the object that was checked."""
-        if not _RESOLVED_ID.fullmatch(resolved):
+        if not shape.fullmatch(resolved):
             raise Refusal("upstream", "engine returned an unexpected object id", status=502)
         m = self.match
         return self.target.encode(path=m.string[: m.start(group)] + resolved + m.string[m.end(group) :])
@@ -210,7 +212,33 @@ async def _container_create(ctx: Ctx) -> tuple[str, bytes]:
     allowed, why = ctx.policy.images.decide(image.id, image.repo_tags, image.repo_digests)
     if not allowed:
         raise Refusal("image", why)
+    for mount in b.host.list("Mounts"):
+        if mount.str("Type") == "volume":
+            await _artifacts_mount(ctx, mount, b.config.str_map("Labels"))
     return "container create passed every hardening check", ctx.target.encode()
+
+
+_MOUNT_FIELDS = lowered("Type Source Target ReadOnly Consistency VolumeOptions")
+
+
+async def _artifacts_mount(ctx: Ctx, mount: JsonObject, tags: dict[str, str]) -> None:
+    """A volume Mount is only ever the container's own location's artifact volume (appliance/artifacts.py), at
+    ARTIFACTS_DIR, never copied onto from the image; or, for the create-only preparation container, at /tmp."""
+    only_fields(mount, _MOUNT_FIELDS)
+    options = mount.obj("VolumeOptions")
+    only_fields(options, lowered("NoCopy"))  # DriverConfig/Labels would make Docker create a volume on the fly
+    source, target = mount.str("Source"), mount.str("Target")
+    prep = tags.get(labels.ROLE) == labels.ROLE_ARTIFACTS_PREP
+    if target != (artifacts.PREP_TARGET if prep else ARTIFACTS_DIR):
+        raise Refusal("mounts", f"a volume mounts only at {ARTIFACTS_DIR} (got {target!r})")
+    if options.bool("NoCopy") == prep:
+        raise Refusal("mounts", "VolumeOptions.NoCopy must be true (false only to prepare a new artifact volume)")
+    found = await ctx.lookups.volume(source) if source else None
+    expected = artifacts.volume_name(tags.get(labels.APPLIANCE_ID, ""), tags.get(labels.LOCATION, ""))
+    if found is None or source != expected:
+        raise Refusal("mounts", f"volume {source!r} is not this container's location artifact volume {expected}")
+    if not _same_owner(found, tags, labels.ROLE_ARTIFACTS) or not artifacts.is_hardened_overlay(found.options):
+        raise Refusal("mounts", f"volume {source} is not an airlock artifact overlay mounted nosuid,nodev,noexec")
 
 
 def _create_checks(b: CreateBody, p: Policy) -> Iterator[tuple[str, object]]:
@@ -262,9 +290,9 @@ def _storage(b: CreateBody) -> str | None:
     h = b.host
     if h.strs("Binds") or h.strs("VolumesFrom") or h.str("VolumeDriver") or b.config.mapping("Volumes"):
         return "bind mounts, volumes and VolumesFrom are not allowed"
-    if any(not isinstance(m, JsonObject) or m.str("Type") != "tmpfs" for m in h.list("Mounts")):
-        return "only tmpfs Mounts are allowed"
-    return None
+    if any(not isinstance(m, JsonObject) or m.str("Type") not in {"tmpfs", "volume"} for m in h.list("Mounts")):
+        return "only tmpfs Mounts and the location's artifact volume are allowed"
+    return None  # volume Mounts are checked against the engine in _artifacts_mount
 
 
 def _seccomp(value: str | None, p: Policy) -> str | None:
@@ -286,6 +314,60 @@ def _tmpfs(h: JsonObject) -> str | None:
     return None
 
 
+def _same_owner(found: Found, tags: dict[str, str], role: str) -> bool:
+    """A volume of ours with `role`, for the same appliance and location as `tags`."""
+    have = found.labels
+    return (labels.is_managed(have) and have.get(labels.ROLE) == role and found.driver in {"", "local"}
+            and bool(tags.get(labels.APPLIANCE_ID)) and have.get(labels.APPLIANCE_ID) == tags.get(labels.APPLIANCE_ID)
+            and bool(tags.get(labels.LOCATION)) and have.get(labels.LOCATION) == tags.get(labels.LOCATION))
+
+
+async def _volume_owned(ctx: Ctx) -> tuple[str, bytes]:
+    if {k for k, _ in ctx.target.query} - {"force"}:
+        raise Refusal("query", "only force may be given")
+    found = await ctx.lookups.volume(ctx.match["id"])
+    if found is None:
+        raise Refusal("owner", f"no such volume: {ctx.match['id']}", status=404)
+    if not labels.is_managed(found.labels) or labels.is_appliance(found.labels):
+        raise Refusal("owner", f"volume {ctx.match['id']} is not labelled {labels.MANAGED}=true")
+    return f"volume {ctx.match['id']} is managed by airlock", ctx.rewrite("id", found.id, _VOLUME_NAME)
+
+
+async def _volume_create(ctx: Ctx) -> tuple[str, bytes]:
+    """Only the shapes appliance/artifacts.py defines: plain layer volumes, and the nosuid,nodev,noexec overlay
+    whose directories are exactly those layers' Mountpoints as the engine reports them (no host path chosen
+    by the caller)."""
+    v = decode_object(ctx.body)
+    only_fields(v, lowered("Name Driver DriverOpts Labels"))
+    tags, name, opts = v.str_map("Labels"), v.str("Name"), v.str_map("DriverOpts")
+    appliance_id, location, role = (tags.get(k, "") for k in (labels.APPLIANCE_ID, labels.LOCATION, labels.ROLE))
+    if not labels.is_managed(tags) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", appliance_id) or not re.fullmatch(
+            LOCATION_NAME, location):
+        raise Refusal("volume-label", f"Labels must carry {labels.MANAGED}=true, an appliance id and a location")
+    if v.str("Driver") not in {"", "local"}:
+        raise Refusal("volume-driver", f"driver {v.str('Driver')!r} is not local")
+    volume = artifacts.volume_name(appliance_id, location)
+    if role == labels.ROLE_ARTIFACTS_LAYER:
+        if name not in {artifacts.layer_name(volume, layer) for layer in artifacts.LAYERS} or opts:
+            raise Refusal("volume-shape", f"a layer volume is {volume}-{{lower,upper,work}} with no DriverOpts")
+        return f"artifact layer volume {name}", ctx.target.encode()
+    if role != labels.ROLE_ARTIFACTS or name != volume:
+        raise Refusal("volume-shape", f"only the artifact volume {volume} and its layers may be created")
+    points: dict[str, str] = {}
+    for layer in artifacts.LAYERS:
+        found = await ctx.lookups.volume(artifacts.layer_name(volume, layer))
+        if found is None or not _same_owner(found, tags, labels.ROLE_ARTIFACTS_LAYER) or found.options:
+            raise Refusal("volume-shape", f"layer {artifacts.layer_name(volume, layer)} is not a plain airlock volume")
+        points[layer] = found.mountpoint
+    try:
+        expected = artifacts.overlay_options(points)
+    except ValueError as exc:
+        raise Refusal("volume-shape", str(exc)) from None
+    if opts != expected:
+        raise Refusal("volume-shape", "DriverOpts must be the nosuid,nodev,noexec overlay of its own layer volumes")
+    return f"artifact volume {name} over its own layers", ctx.target.encode()
+
+
 CHECKS: dict[str, Callable[[Ctx], Awaitable[tuple[str, bytes]]]] = {
     "container-create": _container_create,
     "container-owned": _container_owned,
@@ -295,5 +377,7 @@ CHECKS: dict[str, Callable[[Ctx], Awaitable[tuple[str, bytes]]]] = {
     "network-owned": _network_owned,
     "network-attach": _network_attach,
     "image-pull": _image_pull,
+    "volume-owned": _volume_owned,
+    "volume-create": _volume_create,
 }
-BODY_CHECKS = {"container-create", "network-create", "network-attach"}
+BODY_CHECKS = {"container-create", "network-create", "network-attach", "volume-create"}

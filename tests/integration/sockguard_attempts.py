@@ -14,6 +14,7 @@ import docker.errors
 
 from appliance.launcher.spec import hardened_kwargs
 from appliance.policy import load_policy
+from protocol.locations import ARTIFACTS_DIR
 
 args = json.loads(sys.argv[1])
 client = docker.DockerClient(base_url=os.environ["AIRLOCK_DOCKER_HOST"], version="1.41")
@@ -63,7 +64,10 @@ CREATES = [
                              "CgroupPermissions": "rwm"}])),
     ("binds", hc(Binds=["/:/host"])),
     ("binds", hc(Mounts=[{"Type": "bind", "Source": "/var/run/docker.sock", "Target": "/d.sock"}])),
-    ("binds", hc(Mounts=[{"Type": "volume", "Source": "airlock-state-x", "Target": "/state"}])),
+    ("mounts", hc(Mounts=[{"Type": "volume", "Source": "airlock-state-x", "Target": "/state"}])),
+    # the example location's artifact volume exists, but this container is not of that location
+    ("mounts", hc(Mounts=[{"Type": "volume", "Source": f"airlock-{args['run']}-example-artifacts",
+                           "Target": ARTIFACTS_DIR, "VolumeOptions": {"NoCopy": True}}])),
     ("ports", hc(PortBindings={"4000/tcp": [{"HostPort": "4000"}]})),
     ("ports", hc(PublishAllPorts=True)),
     ("seccomp", secopt("no-new-privileges:true")),
@@ -115,6 +119,14 @@ attempt("foreign:archive", lambda: api.put_archive(victim, "/tmp", b""))
 attempt("build", lambda: api._result(api._post(api._url("/build"), data=b""), False))
 attempt("pull", lambda: api.pull("airlock/example-location", tag="latest"))
 attempt("volume-create", lambda: api.create_volume("airlock-attempt", labels={"airlock.managed": "true"}))
+evil = f"airlock-{args['run']}-evil-artifacts"
+evil_labels = {"airlock.managed": "true", "airlock.role": "artifacts-layer", "airlock.location": "evil",
+               "airlock.appliance-id": args["run"]}
+attempt("volume-host-path", lambda: api.create_volume(f"{evil}-upper", driver="local", labels=evil_labels,
+                                                      driver_opts={"type": "none", "o": "bind", "device": "/"}))
+attempt("volume-exec-overlay", lambda: api.create_volume(evil, driver="local", labels=evil_labels | {
+    "airlock.role": "artifacts"}, driver_opts={"type": "overlay", "device": "overlay",
+                                               "o": "lowerdir=/etc,upperdir=/tmp/u,workdir=/tmp/w"}))
 attempt("network-not-internal", lambda: api.create_network(f"airlock-{args['run']}-open", driver="bridge",
                                                           labels={"airlock.managed": "true"}))
 attempt("container-list-unfiltered", lambda: [c["Id"] for c in api.containers(all=True) if c["Id"] == victim])
@@ -130,3 +142,21 @@ def allowed():
 
 
 attempt("allowed:hardened-create", allowed)
+
+
+def allowed_artifacts():
+    """The twin of the refused mount: the same container, of the example location, mounts its volume."""
+    body = copy.deepcopy(good)
+    body["Labels"]["airlock.location"] = "example"
+    body["HostConfig"]["Mounts"] = [{"Type": "volume", "Source": f"airlock-{args['run']}-example-artifacts",
+                                     "Target": ARTIFACTS_DIR, "VolumeOptions": {"NoCopy": True}}]
+    body["Cmd"] = ["sh", "-c", f"test -w {ARTIFACTS_DIR}"]
+    created = api._result(api._post_json(api._url("/containers/create"), data=body,
+                                         params={"name": f"airlock-{args['run']}-attempt-art"}), True)
+    api.start(created["Id"])
+    status = api.wait(created["Id"], timeout=60)["StatusCode"]
+    api.remove_container(created["Id"], force=True)
+    return f"exit {status}"
+
+
+attempt("allowed:artifacts-mount", allowed_artifacts)

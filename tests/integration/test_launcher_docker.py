@@ -9,7 +9,9 @@ import pytest
 
 from appliance import labels
 from appliance.launcher.engine import Engine
-from appliance.launcher.spec import ContainerSpec
+from appliance.launcher.spec import ContainerSpec, artifacts_mount, artifacts_prep_spec
+from appliance.policy import load_policy
+from appliance.policy.loader import desired_set_from_data
 from tests import harness, launcher_contract
 
 
@@ -21,14 +23,26 @@ def bench() -> Iterator[launcher_contract.Bench]:
     stand_in = dc.containers.run(image, ["sleep", "300"], detach=True, name=f"airlock-{appliance_id}-appliance",
                                  labels={"airlock.test-run": appliance_id})
 
-    def spec(name: str, role: str) -> ContainerSpec:
+    policy = load_policy(harness.ROOT / "policy")
+
+    def spec(name: str, role: str, artifacts_of: str | None = None, command: str = "echo ready; exec sleep 300",
+             ) -> ContainerSpec:
         full = f"airlock-{appliance_id}-{name}"
-        return ContainerSpec(full, {"image": image, "name": full, "command": ["sh", "-c", "echo ready; exec sleep 300"],
-                                    "labels": {labels.MANAGED: "true", labels.ROLE: role,
-                                               labels.APPLIANCE_ID: appliance_id, labels.RUN_ID: "contract"}}, "h")
+        kwargs = {"image": image, "name": full, "command": ["sh", "-c", command], "user": policy.hardening.user,
+                  "read_only": True, "labels": {labels.MANAGED: "true", labels.ROLE: role,
+                                                labels.APPLIANCE_ID: appliance_id, labels.RUN_ID: "contract"}}
+        if artifacts_of:
+            kwargs["mounts"] = [artifacts_mount(appliance_id, artifacts_of)]
+        return ContainerSpec(full, kwargs, "h")
+
+    def prep(location: str) -> ContainerSpec:
+        entry = {"name": location, "image": image, "module": "m"}
+        [loc] = desired_set_from_data({"version": 1, "locations": [entry]}, policy, source="test").accepted
+        return artifacts_prep_spec(loc, policy,
+                                   appliance_id=appliance_id, image_id=dc.images.get(image).id)
 
     try:
-        yield launcher_contract.Bench(Engine(dc, appliance_id), image, stand_in.id, spec)
+        yield launcher_contract.Bench(Engine(dc, appliance_id), image, stand_in.id, spec, prep)
     finally:
         stand_in.remove(force=True)
         harness.cleanup(dc, appliance_id)
@@ -37,3 +51,32 @@ def bench() -> Iterator[launcher_contract.Bench]:
 @pytest.mark.parametrize("check", launcher_contract.CONTRACT, ids=lambda c: c.__name__)
 def test_the_docker_launcher_keeps_the_contract(bench: launcher_contract.Bench, check) -> None:
     check(bench)
+
+
+def test_artifacts_outlive_a_container_and_are_nosuid_nodev_noexec(bench: launcher_contract.Bench) -> None:
+    """What the contract cannot say about the fake: the non-root user writes, the next container reads, and the
+    kernel refuses to execute from the volume."""
+    engine, location = bench.launcher, "contract-files"
+    engine.ensure_artifacts(location, prep=bench.prep(location))
+    writer = bench.spec("art-writer", labels.ROLE_RUN, artifacts_of=location,
+                        command="echo materialized > /var/lib/airlock/artifacts/upstream && cp /bin/true "
+                                "/var/lib/airlock/artifacts/t && echo wrote")
+    reader = bench.spec("art-reader", labels.ROLE_RUN, artifacts_of=location,
+                        command="cat /var/lib/airlock/artifacts/upstream; grep ' /var/lib/airlock/artifacts ' "
+                                "/proc/mounts; /var/lib/airlock/artifacts/t; echo exec=$?; id -u")
+    try:
+        for spec in (writer, reader):
+            workload = engine.start(spec)
+            launcher_contract._eventually(lambda w=workload: not next(
+                x for x in engine.workloads(labels.ROLE_RUN) if x.id == w.id).live)
+        out = engine.log_tail(next(w for w in engine.workloads(labels.ROLE_RUN) if w.name == reader.name), 20)
+        assert "wrote" in engine.log_tail(next(w for w in engine.workloads(labels.ROLE_RUN) if w.name == writer.name))
+        assert "materialized" in out
+        options = next(line for line in out.splitlines() if "/var/lib/airlock/artifacts" in line).split()[3]
+        assert {"nosuid", "nodev", "noexec"} <= set(options.split(","))
+        assert "exec=126" in out and "Permission denied" in out  # noexec: the planted binary does not run
+        assert out.strip().splitlines()[-1] == "10001"
+    finally:
+        for w in engine.workloads(labels.ROLE_RUN):
+            engine.remove(w)
+        engine.remove_artifacts(location)

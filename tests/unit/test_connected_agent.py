@@ -32,10 +32,12 @@ class FakeReconciler:
     statuses: dict[str, LocationStatus] = field(default_factory=dict)
 
     refused: dict[str, str] = field(default_factory=dict)
+    purge: tuple[str, ...] = ()
 
-    def reconcile(self, locations: tuple[Location, ...], *, refused: dict[str, str] | None = None) -> ApplianceStatus:
+    def reconcile(self, locations: tuple[Location, ...], *, refused: dict[str, str] | None = None,
+                  purge: tuple[str, ...] = ()) -> ApplianceStatus:
         self.seen.append(tuple(loc.name for loc in locations))
-        self.refused = dict(refused or {})
+        self.refused, self.purge = dict(refused or {}), tuple(purge)
         self.statuses = {loc.name: LocationStatus(loc.name, State.LOADED) for loc in locations}
         return ApplianceStatus("t", time.time(), dict(self.statuses))
 
@@ -202,7 +204,7 @@ class ClosingChannel:
 
 
 class ServingReconciler(FakeReconciler):
-    def reconcile(self, locations: tuple[Location, ...], *, refused: dict[str, str] | None = None) -> ApplianceStatus:
+    def reconcile(self, locations: tuple[Location, ...], **_: object) -> ApplianceStatus:
         self.statuses = {"loc": LocationStatus("loc", State.LOADED, container="airlock-loc-1"),
                          "starting": LocationStatus("starting", State.LOADING)}
         return ApplianceStatus("t", time.time(), dict(self.statuses))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance import labels
+from appliance import artifacts, labels
 from appliance.launcher.spec import ContainerSpec
 from tests import launcher_contract
 from tests.fake_launcher import FakeLauncher
@@ -15,13 +15,17 @@ def bench() -> launcher_contract.Bench:
     launcher = FakeLauncher(appliance_id="contract")
     image = launcher.add_image("airlock/example-location:latest")
 
-    def spec(name: str, role: str) -> ContainerSpec:
+    def spec(name: str, role: str, artifacts_of: str | None = None) -> ContainerSpec:
         launcher.logs[name] = "ready\n"
-        return ContainerSpec(name, {"image": image.id, "name": name, "labels": {
-            labels.MANAGED: "true", labels.ROLE: role, labels.APPLIANCE_ID: "contract", labels.RUN_ID: "contract"}},
-            "h")
+        mounts = [{"Type": "volume", "Source": artifacts.volume_name("contract", artifacts_of), "Target": "/a"}]
+        return ContainerSpec(name, {"image": image.id, "name": name, "mounts": mounts if artifacts_of else [],
+                                    "labels": {labels.MANAGED: "true", labels.ROLE: role,
+                                               labels.APPLIANCE_ID: "contract", labels.RUN_ID: "contract"}}, "h")
 
-    return launcher_contract.Bench(launcher, "airlock/example-location:latest", "appliance", spec)
+    def prep(location: str) -> ContainerSpec:
+        return ContainerSpec(f"{location}-prep", {"image": image.id, "labels": {labels.LOCATION: location}}, "p")
+
+    return launcher_contract.Bench(launcher, "airlock/example-location:latest", "appliance", spec, prep)
 
 
 @pytest.mark.parametrize("check", launcher_contract.CONTRACT, ids=lambda c: c.__name__)

@@ -4,6 +4,7 @@ by the operator starts on the next pass, with no backoff left over."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -116,3 +117,32 @@ def test_an_engine_that_does_not_answer_is_an_error_for_that_pass_only(world) ->
     assert rec.reconcile(_locations(("example", EXAMPLE))).locations["example"].state is State.ERROR  # backoff
     rec.backoff.succeeded("example")
     assert rec.reconcile(_locations(("example", EXAMPLE))).locations["example"].state is State.LOADING
+
+
+def test_each_location_gets_its_artifact_volume_which_outlives_removal_unless_purged(world) -> None:
+    rec, launcher, _answering, _ = world
+    both = _locations(("example", EXAMPLE), ("acme", EXAMPLE))
+    rec.reconcile(both)
+    assert launcher.artifact_locations() == ["acme", "example"]
+    assert {p.kwargs["labels"][labels.LOCATION] for p in launcher.prepared} == {"acme", "example"}
+    mounts = {s.kwargs["labels"][labels.LOCATION]: [m["Source"] for m in s.kwargs["mounts"]] for s in launcher.started}
+    assert mounts == {"example": ["airlock-t1-example-artifacts"], "acme": ["airlock-t1-acme-artifacts"]}
+
+    only_example = _locations(("example", EXAMPLE))
+    rec.reconcile(only_example)  # acme removed without --purge: its files stay for when it comes back
+    assert launcher.artifact_locations() == ["acme", "example"]
+    rec.reconcile(only_example, purge=("acme", "example"))  # purge never touches a location still desired
+    assert launcher.artifact_locations() == ["example"]
+
+
+def test_a_purge_waits_until_nothing_of_the_location_runs(world) -> None:
+    rec, launcher, _answering, _ = world
+    rec.reconcile(_locations(("acme", EXAMPLE)))
+    server = launcher.started[0]
+    run = launcher.start(dataclasses.replace(server, name="airlock-t1-run-1", kwargs={
+        **server.kwargs, "labels": {**server.kwargs["labels"], labels.ROLE: labels.ROLE_RUN}}))
+    rec.reconcile((), purge=("acme",))  # the code server goes; a run still has the volume mounted
+    assert launcher.artifact_locations() == ["acme"]
+    launcher.remove(run)
+    rec.reconcile((), purge=("acme",))
+    assert launcher.artifact_locations() == []

@@ -13,10 +13,20 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import pytest
 
-from appliance.labels import LOCATION, MANAGED, ROLE
+from appliance import artifacts
+from appliance.labels import (
+    APPLIANCE_ID,
+    LOCATION,
+    MANAGED,
+    ROLE,
+    ROLE_ARTIFACTS,
+    ROLE_ARTIFACTS_LAYER,
+    ROLE_ARTIFACTS_PREP,
+)
 from appliance.policy import Policy, PolicyError, load_policy
 from appliance.sockguard import Decision, Found, ImageInfo, Table, load_table, rules
 from appliance.sockguard.inspect import Refusal, read_body
+from protocol.locations import ARTIFACTS_DIR
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
 MINE, FOREIGN, APPLIANCE = "a" * 64, "b" * 64, "c" * 64
@@ -27,6 +37,22 @@ DEL = object()
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Policy, Table]:
     return load_policy(REPO_POLICY), load_table(REPO_POLICY, rules.CHECKS)
+
+
+def vol_labels(location: str, role: str) -> dict[str, str]:
+    return {MANAGED: "true", ROLE: role, LOCATION: location, APPLIANCE_ID: "app1"}
+
+
+def artifact_volumes(location: str) -> dict[str, Found]:
+    """A location's artifact overlay and its layers, as the engine reports them after the launcher made them."""
+    name = artifacts.volume_name("app1", location)
+    layers = {layer: Found(artifacts.layer_name(name, layer), vol_labels(location, ROLE_ARTIFACTS_LAYER),
+                           driver="local", mountpoint=f"/var/lib/docker/volumes/{name}-{layer}/_data")
+              for layer in artifacts.LAYERS}
+    overlay = Found(name, vol_labels(location, ROLE_ARTIFACTS), driver="local",
+                    options=artifacts.overlay_options({k: v.mountpoint for k, v in layers.items()}),
+                    mountpoint=f"/var/lib/docker/volumes/{name}/_data")
+    return {name: overlay} | {v.id: v for v in layers.values()}
 
 
 class FakeLookups:
@@ -43,6 +69,11 @@ class FakeLookups:
             "open-net": Found(OPEN_NET, {MANAGED: "true"}, internal=False),
             "foreign-net": Found(FOREIGN_NET, {}, internal=True),
         }
+        self.volumes = artifact_volumes("demo") | artifact_volumes("other") | {
+            "foreign-vol": Found("foreign-vol", {}, driver="local", mountpoint="/var/lib/docker/volumes/f/_data"),
+            # the right name and labels, but a plain volume (exec): a stand-in nobody made through sockguard
+            "airlock-app1-plain-artifacts": Found("airlock-app1-plain-artifacts", vol_labels("plain", ROLE_ARTIFACTS),
+                                                  driver="local", mountpoint="/var/lib/docker/volumes/p/_data")}
         tag = "airlock/example-location:latest"
         self.images = {
             tag: ImageInfo("sha256:" + "1" * 64, (tag,), ()),
@@ -57,6 +88,9 @@ class FakeLookups:
 
     async def image(self, ref: str) -> ImageInfo | None:
         return self.images.get(ref)
+
+    async def volume(self, name: str) -> Found | None:
+        return self.volumes.get(name)
 
 
 def good_create(policy: Policy) -> dict[str, Any]:
@@ -151,7 +185,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("device-cgroup-rules", {"HostConfig.DeviceCgroupRules": ["c 1:1 rwm"]}, "devices"),
     ("binds", {"HostConfig.Binds": ["/:/host"]}, "binds"),
     ("mount-bind", {"HostConfig.Mounts": [{"Type": "bind", "Source": "/", "Target": "/host"}]}, "binds"),
-    ("mount-volume", {"HostConfig.Mounts": [{"Type": "volume", "Source": "v", "Target": "/v"}]}, "binds"),
+    ("mount-volume", {"HostConfig.Mounts": [{"Type": "volume", "Source": "v", "Target": "/v"}]}, "mounts"),
     ("volumes-from", {"HostConfig.VolumesFrom": ["foreign"]}, "binds"),
     ("config-volumes", {"Volumes": {"/data": {}}}, "binds"),
     ("port-bindings", {"HostConfig.PortBindings": {"4000/tcp": [{"HostPort": "4000"}]}}, "ports"),
@@ -269,7 +303,8 @@ def test_oversized_body_is_413() -> None:
         ("GET", "/v1.41/containers/m%C3%A9/json", False, "path"),
         ("GET", "/v1.41/containers/mine/json#x", False, "path"),
         ("GET", "http://docker/v1.41/_ping", False, "path"),
-        ("GET", "/v1.41/volumes", False, "endpoint"),
+        ("GET", "/v1.41/volumes", True, "list-managed"),
+        ("POST", "/v1.41/volumes/prune", False, "endpoint"),
         ("POST", "/v1.41/containers/mine/exec", False, "endpoint"),
         ("POST", "/v1.41/exec/123/start", False, "endpoint"),
         ("POST", "/v1.41/build", False, "endpoint"),
@@ -431,3 +466,96 @@ def test_bad_table_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(PolicyError, match="unknown check"):
         load_table(tmp_path, rules.CHECKS)
+
+
+# -- the location's artifact volume: the only volume a container may mount, the only volumes the agent may make ---
+def artifact_mount(source: str = "airlock-app1-demo-artifacts", target: str = ARTIFACTS_DIR, **extra: Any) -> dict:
+    return {"Type": "volume", "Source": source, "Target": target, "VolumeOptions": {"NoCopy": True}} | extra
+
+
+def with_mount(setup: tuple[Policy, Table], mount: dict, role: str = "code-server") -> Decision:
+    body = good_create(setup[0])
+    body["Labels"] |= {APPLIANCE_ID: "app1", ROLE: role}
+    body["HostConfig"]["Mounts"] = [mount]
+    if role == ROLE_ARTIFACTS_PREP:
+        body["HostConfig"]["Tmpfs"].pop("/tmp")
+    return create(setup, body)
+
+
+def test_the_locations_own_artifact_volume_mounts_at_its_place(setup: tuple[Policy, Table]) -> None:
+    assert with_mount(setup, artifact_mount()).allow
+    prep = artifact_mount(target="/tmp", VolumeOptions={"NoCopy": False})
+    assert with_mount(setup, prep, role=ROLE_ARTIFACTS_PREP).allow
+
+
+@pytest.mark.parametrize(("mount", "role", "rule"), [
+    (artifact_mount("airlock-app1-other-artifacts"), "code-server", "mounts"),  # another location's files
+    (artifact_mount("airlock-app1-demo-artifacts-upper"), "code-server", "mounts"),  # a layer: exec, unflagged
+    (artifact_mount("foreign-vol"), "code-server", "mounts"),
+    (artifact_mount("not-there"), "code-server", "mounts"),  # Docker would create it, plain, on the fly
+    (artifact_mount(""), "code-server", "mounts"),  # an anonymous volume
+    (artifact_mount("airlock-app1-plain-artifacts"), "code-server", "mounts"),  # right labels, not an overlay
+    (artifact_mount(target="/usr/local/lib/python3.11"), "code-server", "mounts"),  # shadowing code
+    (artifact_mount(VolumeOptions={"NoCopy": False}), "code-server", "mounts"),  # the image could re-own it
+    (artifact_mount(target="/tmp", VolumeOptions={"NoCopy": True}), ROLE_ARTIFACTS_PREP, "mounts"),
+    (artifact_mount(VolumeOptions={"NoCopy": True, "DriverConfig": {"Name": "local", "Options": {
+        "type": "none", "o": "bind", "device": "/"}}}), "code-server", "unknown-field"),
+    (artifact_mount(BindOptions={"Propagation": "rshared"}), "code-server", "unknown-field"),
+])
+def test_any_other_volume_mount_is_refused(setup: tuple[Policy, Table], mount: dict, role: str, rule: str) -> None:
+    decision = with_mount(setup, mount, role=role)
+    assert not decision.allow and decision.rule == rule, decision
+
+
+def volume_create(setup: tuple[Policy, Table], body: dict) -> Decision:
+    return decide(setup, "POST", "/v1.41/volumes/create", body)
+
+
+def layer_body(layer: str = "upper", **changes: Any) -> dict:
+    name = artifacts.layer_name("airlock-app1-new-artifacts", layer)
+    labels = vol_labels("new", ROLE_ARTIFACTS_LAYER)
+    return {"Name": name, "Driver": "local", "DriverOpts": {}, "Labels": labels} | changes
+
+
+def overlay_body(location: str = "demo", **changes: Any) -> dict:
+    name = artifacts.volume_name("app1", location)
+    points = {layer: f"/var/lib/docker/volumes/{name}-{layer}/_data" for layer in artifacts.LAYERS}
+    return {"Name": name, "Driver": "local", "DriverOpts": artifacts.overlay_options(points),
+            "Labels": vol_labels(location, ROLE_ARTIFACTS)} | changes
+
+
+def test_the_artifact_volume_and_its_layers_may_be_created(setup: tuple[Policy, Table]) -> None:
+    for layer in artifacts.LAYERS:
+        assert volume_create(setup, layer_body(layer)).allow
+    assert volume_create(setup, overlay_body()).allow
+
+
+@pytest.mark.parametrize(("body", "rule"), [
+    (layer_body(DriverOpts={"type": "none", "o": "bind", "device": "/etc"}), "volume-shape"),  # the host's /etc
+    (layer_body(Name="airlock-app1-new-artifacts-extra"), "volume-shape"),
+    (layer_body(Driver="rexray"), "volume-driver"),
+    (layer_body(Labels={MANAGED: "true", ROLE: ROLE_ARTIFACTS_LAYER}), "volume-label"),
+    (layer_body(Labels=vol_labels("../x", ROLE_ARTIFACTS_LAYER)), "volume-label"),
+    (layer_body(ClusterVolumeSpec={}), "unknown-field"),
+    (overlay_body(DriverOpts={"type": "overlay", "device": "overlay",
+                              "o": "lowerdir=/,upperdir=/tmp/u,workdir=/tmp/w,nosuid,nodev,noexec"}), "volume-shape"),
+    (overlay_body(DriverOpts={**overlay_body()["DriverOpts"], "o": overlay_body()["DriverOpts"]["o"].replace(
+        ",noexec", "")}), "volume-shape"),  # an overlay you could execute from
+    (overlay_body(DriverOpts={**overlay_body()["DriverOpts"], "o": overlay_body()["DriverOpts"]["o"].replace(
+        "demo-artifacts-upper", "other-artifacts-upper")}), "volume-shape"),  # another location's files
+    (overlay_body("new"), "volume-shape"),  # its layers do not exist yet
+    (overlay_body(Name="airlock-app1-demo-artifacts2"), "volume-shape"),
+    (overlay_body(Labels=vol_labels("demo", "code-server")), "volume-shape"),
+])
+def test_every_other_volume_is_refused(setup: tuple[Policy, Table], body: dict, rule: str) -> None:
+    decision = volume_create(setup, body)
+    assert not decision.allow and decision.rule == rule, decision
+
+
+def test_volumes_are_listed_narrowed_and_only_ours_removed(setup: tuple[Policy, Table]) -> None:
+    listed = decide(setup, "GET", "/v1.41/volumes")
+    assert listed.allow and b"airlock.managed%3Dtrue" in listed.target
+    assert decide(setup, "DELETE", "/v1.41/volumes/airlock-app1-demo-artifacts").allow
+    foreign = decide(setup, "DELETE", "/v1.41/volumes/foreign-vol")
+    assert not foreign.allow and foreign.rule == "owner"
+    assert decide(setup, "DELETE", "/v1.41/volumes/nope").status == 404

@@ -249,7 +249,7 @@ class Stack:
         class Idle:
             statuses: dict[str, Any] = {}
 
-            def reconcile(self, _locations: object) -> ApplianceStatus:
+            def reconcile(self, _locations: object, **_: object) -> ApplianceStatus:
                 return ApplianceStatus(name, time.time(), {})
 
         agent = ConnectedAgent(
