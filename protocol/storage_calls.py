@@ -79,6 +79,7 @@ CALLS: dict[str, Mode] = {
     "events.get_asset_check_summary_records": "call",
     "events.get_latest_planned_materialization_info": "call",
     "events.get_event_tags_for_asset": "call",
+    "events.fetch_run_status_changes": "call",  # run-status sensors (a location token: its own runs only)
     "schedules.get_instigator_state": "call",
     "schedules.all_instigator_state": "call",
     "schedules.get_ticks": "call",

@@ -47,6 +47,10 @@ _RECORDS: Mapping[str, str] = {
     "EventRecordsResult": "dagster._core.event_api:EventRecordsResult",
     "JobBucket": "dagster._core.storage.dagster_run:JobBucket",
     "TagBucket": "dagster._core.storage.dagster_run:TagBucket",
+    # serdes registers these, but refuses the plain DagsterEventType inside them (found by the same walk):
+    "EventRecordsFilter": "dagster._core.event_api:EventRecordsFilter",
+    "RunStatusChangeRecordsFilter": "dagster._core.event_api:RunStatusChangeRecordsFilter",
+    "RunShardedEventsCursor": "dagster._core.event_api:RunShardedEventsCursor",  # a field of EventRecordsFilter
 }
 
 

@@ -104,15 +104,29 @@ def boundary_types() -> BoundaryTypes:
             return  # a forward reference Dagster could not resolve either; nothing to check
         if issubclass(hint, enum.Enum) and hint not in serdes_known:
             enums.add(hint)
-        elif hint in serdes_known:
-            serdes.add(hint)
-        elif hint in records:
+        elif hint in records:  # first, as the codec packs them: by field even when serdes knows them
             if hint not in walked:
                 walked.add(hint)
                 for name, field_hint in _hints(hint).items():
                     visit(field_hint, f"{hint.__name__}.{name}")
+        elif hint in serdes_known:
+            if hint not in serdes:
+                serdes.add(hint)
+                for name, field_hint in ({} if issubclass(hint, enum.Enum) else _hints(hint)).items():
+                    serdes_field(field_hint, f"{hint.__name__}.{name}", hint)
         else:
             unknown.append((where, f"{hint.__module__}.{hint.__qualname__}"))
+
+    def serdes_field(hint: Any, where: str, owner: type) -> None:
+        """serdes refuses a plain (unregistered) enum anywhere inside a type it carries: such an owner must be
+        one of the codec's records instead, so its fields are packed one by one."""
+        for arg in (hint, *typing.get_args(hint)):
+            if isinstance(arg, type) and issubclass(arg, enum.Enum) and arg not in serdes_known:
+                unknown.append((where, f"{arg.__module__}.{arg.__qualname__} inside serdes type {owner.__name__}"))
+            elif isinstance(arg, type) and arg in serdes_known and arg not in serdes:
+                visit(arg, where)
+            elif arg is not hint and typing.get_origin(arg) is not None:
+                serdes_field(arg, where, owner)
 
     for method, function in methods.items():
         for name, hint in _hints(function).items():

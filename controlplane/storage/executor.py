@@ -84,7 +84,7 @@ class StorageExecutor:
             raise StorageCallRefused(f"{method}: arguments must be a list and keyword arguments a map")
         target = self._target(method)
         scopes.check(scope, method, target, args, kwargs, self.instance)
-        return encode(scopes.only_own_runs(scope, method, target(*args, **kwargs)))
+        return encode(scopes.only_own_runs(scope, method, target(*args, **kwargs), self.instance))
 
     def _target(self, method: str) -> Callable[..., Any]:
         storage, _, name = method.partition(".")

@@ -164,14 +164,24 @@ LOCATION_CHECKS: dict[str, Check] = {
     "runs.get_run_records": _anything,
     "events.get_records_for_run": _run_of_location("run_id"),
     "runs.get_run_tags": _anything,
+    # Run-status sensors: status changes of every run come back, then are cut to this location's (only_own_runs).
+    "events.fetch_run_status_changes": _anything,
 }
-FILTERED_FOR_LOCATION = frozenset({"runs.get_runs", "runs.get_run_records"})
+FILTERED_FOR_LOCATION = frozenset({"runs.get_runs", "runs.get_run_records", "events.fetch_run_status_changes"})
 
 
-def only_own_runs(scope: Scope, method: str, result: Any) -> Any:
-    """A location token's run listing, cut to the runs of its own location."""
+def only_own_runs(scope: Scope, method: str, result: Any, instance: Any) -> Any:
+    """A location token's run listing (or run status changes), cut to the runs of its own location. A sensor
+    with monitor_all_code_locations therefore sees its own location's runs only (docs/SECURITY.md)."""
     if not scope.location_wide or method not in FILTERED_FOR_LOCATION:
         return result
+    if method == "events.fetch_run_status_changes":
+        from dagster._core.storage.dagster_run import RunsFilter
+
+        run_ids = list({record.event_log_entry.run_id for record in result.records})
+        own = {run.run_id for run in instance.get_runs(RunsFilter(run_ids=run_ids))
+               if _location_of(run) == scope.location} if run_ids else set()
+        return result._replace(records=[r for r in result.records if r.event_log_entry.run_id in own])
     return [item for item in result if _location_of(getattr(item, "dagster_run", item)) == scope.location]
 
 

@@ -116,3 +116,35 @@ def test_an_observed_source_feeds_a_versioned_asset_and_its_check(catalogue: Cat
     assert catalogue.run("feed_job") == DagsterRunStatus.SUCCESS
     cp = catalogue.control_plane
     assert cp.get_latest_materialization_event(AssetKey("feed_digest")) is not None
+
+
+def test_a_run_status_sensor_on_a_location_token_sees_its_own_locations_runs_only(
+        catalogue: Catalogue, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A code server's run-status sensor reads run status changes through the boundary; another location's runs
+    are cut from the answer (their ids and jobs are not this location's to know). The sensor itself runs in
+    tests/integration/test_catalogue.py."""
+    from dagster._core.storage.dagster_run import RunsFilter
+
+    from controlplane.storage.scope import LOCATION_WIDE
+
+    assert catalogue.run("retry_job") == DagsterRunStatus.SUCCESS
+    _, foreign = run_for(catalogue.control_plane, CATALOGUE, MODULE, "retry_job", location="elsewhere")
+    send = Loopback(StorageExecutor(catalogue.control_plane), Scope(foreign.run_id, "elsewhere"))
+    execute(foreign.run_id, user_instance(monkeypatch, send, tmp_path))
+    cp = catalogue.control_plane
+    everything = cp.fetch_run_status_changes(DagsterEventType.RUN_SUCCESS, limit=10).records
+    assert len(everything) == 2  # the twin: both runs succeeded, and the control plane itself sees both
+
+    code_server = user_instance(monkeypatch, Loopback(StorageExecutor(cp), Scope(LOCATION_WIDE, "catalogue")), tmp_path)
+    seen = code_server.fetch_run_status_changes(DagsterEventType.RUN_SUCCESS, limit=10).records
+    own = [r.run_id for r in cp.get_runs(RunsFilter(job_name="retry_job")) if r.run_id != foreign.run_id]
+    assert [r.event_log_entry.run_id for r in seen] == own
+
+    # The filter form the sensor sends once it has a cursor: a record the codec packs field by field (serdes
+    # would refuse the DagsterEventType inside it).
+    from dagster._core.event_api import RunStatusChangeRecordsFilter
+
+    after = RunStatusChangeRecordsFilter(DagsterEventType.RUN_SUCCESS, after_storage_id=seen[0].storage_id)
+    assert catalogue.run("retry_job") == DagsterRunStatus.SUCCESS
+    newer = code_server.fetch_run_status_changes(after, limit=10, ascending=True).records
+    assert len(newer) == 1 and newer[0].event_log_entry.run_id not in own
