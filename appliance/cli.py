@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import socket
 import sys
 import time
@@ -11,6 +14,7 @@ from pathlib import Path
 from appliance.agent.status import State, read_status
 from appliance.policy import PolicyError, load_locations, load_policy
 from appliance.settings import Settings
+from protocol.errors import UsageError
 
 
 def cmd_check_config(settings: Settings, _args: argparse.Namespace) -> int:
@@ -216,9 +220,62 @@ def _edit_operator_images(refs: list[str], change, done: str, unchanged: str) ->
     return 0
 
 
-def cmd_images_list(settings: Settings, args: argparse.Namespace) -> int:
-    import json
+SOCKGUARD_USER = "airlock-sockguard"  # the only reader of a registry's login (images/appliance: its own uid)
 
+
+def cmd_registry_add(settings: Settings, args: argparse.Namespace) -> int:
+    """List a registry to pull from by digest; with --username, read the password from stdin into a file only
+    sockguard can read (0600, its uid). The agent never sees it: sockguard adds the login to each pull."""
+    import pwd
+
+    from appliance.policy import operator
+    from protocol.files import write_atomic
+
+    path = operator.operator_file()
+    try:
+        images = operator.read_operator_images(path)
+        credentials = None
+        if args.username:
+            password = sys.stdin.readline().rstrip("\n")
+            if not password:
+                raise UsageError("images registry add", "--username needs the password on stdin")
+            credentials = operator.credentials_file_name(args.host)
+            images = operator.set_registry(images, args.host, credentials=credentials)
+            target = path.parent / credentials
+            write_atomic(target, json.dumps({"username": args.username, "password": password}), mode=0o600)
+            with contextlib.suppress(KeyError):  # outside the appliance image (tests): the owner stays as is
+                os.chown(target, pwd.getpwnam(SOCKGUARD_USER).pw_uid, -1)
+        else:
+            images = operator.set_registry(images, args.host, credentials=None)
+        operator.write_operator_images(path, images)
+    except (PolicyError, UsageError) as exc:
+        print(f"airlock: refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"airlock: pulls by digest from {args.host} allowed" + (" with a login" if credentials else "")
+          + "; allow its repositories with `airlock images allow HOST/REPO` (globs allowed)")
+    return 0
+
+
+def cmd_registry_remove(settings: Settings, args: argparse.Namespace) -> int:
+    from appliance.policy import operator
+
+    path = operator.operator_file()
+    try:
+        images = operator.read_operator_images(path)
+        old = next((r for r in images.registries if r.host == args.host), None)
+        images, removed = operator.remove_registry(images, args.host)
+        if removed:
+            operator.write_operator_images(path, images)
+            if old is not None and old.credentials:
+                (path.parent / old.credentials).unlink(missing_ok=True)
+    except PolicyError as exc:
+        print(f"airlock: refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"airlock: {args.host} " + ("removed" if removed else "was not listed"))
+    return 0
+
+
+def cmd_images_list(settings: Settings, args: argparse.Namespace) -> int:
     from appliance.policy import operator
     from appliance.policy.imported import IMPORTED_FILE, read_imported
 
@@ -235,8 +292,10 @@ def cmd_images_list(settings: Settings, args: argparse.Namespace) -> int:
     path = operator.operator_file()
     error = None
     try:
-        rows += [{"kind": e.kind, "value": e.value, "source": "operator", "added": e.added}
-                 for e in operator.read_operator_images(path).entries]
+        listed = operator.read_operator_images(path)
+        rows += [{"kind": e.kind, "value": e.value, "source": "operator", "added": e.added} for e in listed.entries]
+        rows += [{"kind": "pull", "value": r.host + (" (login)" if r.credentials else ""), "source": "operator",
+                  "added": r.added} for r in listed.registries]
     except PolicyError as exc:
         error = str(exc)
     if args.json:
@@ -282,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("image", nargs="+", help="a repository ('acme/etl', or a glob 'acme/*'), an image id "
                                                 "('sha256:<64 hex>') or 'repository@sha256:<digest>'; never a tag")
         p.set_defaults(func=func)
+    registry = images.add_parser("registry", help="registries pulled from, by digest only").add_subparsers(
+        dest="registry_command", required=True)
+    p = registry.add_parser("add", help="pull code-location images from HOST (by digest), optionally with a login")
+    p.add_argument("host", help="registry host[:port], e.g. registry.example.com or 127.0.0.1:5000")
+    p.add_argument("--username", help="log in as this user; the password is read from stdin")
+    p.set_defaults(func=cmd_registry_add)
+    p = registry.add_parser("remove", help="stop pulling from HOST (and delete its login)")
+    p.add_argument("host")
+    p.set_defaults(func=cmd_registry_remove)
     p = images.add_parser("list", help="every allowed image and where the permission comes from")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_images_list)

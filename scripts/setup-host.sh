@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the host needs to build images and run the tests: debootstrap (Debian package) and the
+# Install what the host needs to build images and run the tests: debootstrap, docker-registry (Debian) and the
 # hash-locked Python test requirements; check for cargo (the relay's fast path is Rust: fastpath/). Idempotent;
 # fast when everything is already there.
 set -euo pipefail
@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 if ! command -v debootstrap >/dev/null; then
   echo "[setup] installing debootstrap"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+fi
+# The registry pull tests start Debian's docker-registry on loopback, with an htpasswd (bcrypt) login.
+if ! command -v docker-registry >/dev/null || ! command -v htpasswd >/dev/null; then
+  echo "[setup] installing docker-registry and apache2-utils (htpasswd)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry apache2-utils >/dev/null
 fi
 if ! command -v cargo >/dev/null; then
   echo "[setup] cargo is not installed: the relay's fast path (fastpath/) is Rust. Install a toolchain" \

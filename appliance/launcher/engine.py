@@ -87,16 +87,34 @@ class Engine:
         return self.image(ref).id
 
     def image(self, ref: str) -> ImageRef:
+        """`ref` as this engine has it; a `registry/repo@sha256:` reference it lacks is pulled first, through
+        sockguard, which allows it only from a registry the operator listed (and adds that registry's login)."""
         try:
-            with self._mapped(f"cannot inspect image {ref!r}"):
-                found = self.client.images.get(ref)
+            found = self._get_image(ref)
         except LauncherError as exc:
-            if isinstance(exc.__cause__, docker.errors.ImageNotFound):
-                raise LauncherError(f"image {ref!r} is not on this Docker engine (import it; pulling is off)") \
-                    from None
-            raise
+            if not isinstance(exc.__cause__, docker.errors.ImageNotFound):
+                raise
+            if "@sha256:" not in ref:
+                raise LauncherError(f"image {ref!r} is not on this Docker engine: import it, or name it by digest "
+                                    f"(repo@sha256:...) from a registry the operator listed (airlock pulls by digest "
+                                    f"only)") from None
+            found = self._pull(ref)
         return ImageRef(str(found.id), tuple(found.attrs.get("RepoTags") or ()),
                         tuple(found.attrs.get("RepoDigests") or ()))
+
+    def _get_image(self, ref: str) -> Any:
+        with self._mapped(f"cannot inspect image {ref!r}"):
+            return self.client.images.get(ref)
+
+    def _pull(self, ref: str) -> Any:
+        repository, _, digest = ref.partition("@")
+        log.info("pulling %s", ref)
+        with self._mapped(f"cannot pull {ref}"):
+            self.client.images.pull(repository, tag=digest)
+        try:
+            return self._get_image(ref)
+        except LauncherError as exc:
+            raise LauncherError(f"pulled {ref}, but the engine does not have it: {exc}") from None
 
     # -- networks ---------------------------------------------------------------------------------
     def ensure_network(self, location: str, *, attach: str) -> LocationNetwork:

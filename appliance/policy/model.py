@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from protocol.locations import HostPort, IPNetwork
@@ -56,16 +57,19 @@ class ImagePolicy:
     allow_pull: bool
     names: tuple[str, ...]  # repository globs, e.g. "airlock/example-location"
     digests: tuple[str, ...]  # "sha256:..." image ids or repo digests
+    # Registries the operator pulls from, by digest only: host[:port] -> its credentials file, or None.
+    registries: Mapping[str, str | None] = field(default_factory=dict)
 
     def decide(self, image_id: str, repo_tags: tuple[str, ...], repo_digests: tuple[str, ...]) -> tuple[bool, str]:
-        """Allow an image if its id or a repo digest is listed, or a repository matches a name glob."""
+        """Allow an image if its id or a repo digest is listed, or a repository matches a name glob. A repo
+        digest's repository counts like a tag's: the engine records it only for content it pulled or pushed."""
         known = set(self.digests)
         if image_id in known:
             return True, f"image id {image_id} is in the digest allowlist"
         for digest in repo_digests:
             if digest.rsplit("@", 1)[-1] in known:
                 return True, f"repo digest {digest} is in the digest allowlist"
-        for tag in repo_tags:
+        for tag in (*repo_tags, *(d.rsplit("@", 1)[0] for d in repo_digests if "@" in d)):
             repository = tag.rsplit(":", 1)[0] if ":" in tag.rsplit("/", 1)[-1] else tag
             for pattern in self.names:
                 if fnmatch.fnmatchcase(repository, pattern):

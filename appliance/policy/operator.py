@@ -10,6 +10,9 @@ nor the agent can widen it: the control plane only names images, and the agent c
     allow:
       - name: acme/etl            # a repository, or a glob like acme/*; never a tag (a tag can move)
       - digest: sha256:<64 hex>   # an image id, or the digest of a registry image (repo@sha256:...)
+    registries:                   # pulled from, through sockguard, by digest only (`airlock images registry add`)
+      - host: registry.example:5000
+        credentials: registry-registry.example_5000.json   # in this directory, 0600, read by sockguard only
 
 Readers re-read the file when it changes (LiveImages: a stat per decision), so an allowed image is in force
 for the next container create, with no restart. A bad file never goes live: the readers keep to the baked-in
@@ -19,6 +22,7 @@ policy (plus bundle imports) and report the file's error, naming file and field.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import threading
@@ -33,12 +37,15 @@ from protocol.errors import PolicyError
 from protocol.fields import SUPPORTED_VERSION
 from protocol.files import write_atomic
 
-__all__ = ["OPERATOR_FILE", "LiveImages", "OperatorImages", "add_entry", "operator_file", "parse_reference",
-           "read_operator_images", "remove_entry", "write_operator_images"]
+__all__ = ["OPERATOR_FILE", "LiveImages", "OperatorImages", "Registry", "add_entry", "credentials_file_name",
+           "operator_file", "parse_reference", "read_operator_images", "registry_auth", "remove_entry",
+           "remove_registry", "set_registry", "write_operator_images"]
 
 OPERATOR_FILE = "images.yaml"
 DEFAULT_DIR = "/etc/airlock/operator"
 DIGEST = r"sha256:[0-9a-f]{64}"
+REGISTRY_HOST = r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?::[0-9]{1,5})?"
+CREDENTIALS_FILE = r"registry-[A-Za-z0-9._-]{1,100}\.json"
 # A repository (optionally registry host[:port]/...), globs allowed; no tag, no digest.
 REPOSITORY = r"[a-z0-9][a-z0-9._-]*(?::[0-9]{1,5})?(?:/[a-z0-9*][a-z0-9._*-]*)*|\*"
 _HEADER = ("# The operator's image allowlist (airlock images allow|list|revoke). Read live by sockguard and the\n"
@@ -56,8 +63,18 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Registry:
+    """A registry the operator pulls code-location images from; `credentials` is a file in the operator dir."""
+
+    host: str
+    credentials: str | None = None
+    added: str = ""
+
+
+@dataclass(frozen=True)
 class OperatorImages:
     entries: tuple[Entry, ...] = ()
+    registries: tuple[Registry, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -109,15 +126,23 @@ def read_operator_images(path: str | os.PathLike[str]) -> OperatorImages:
         else:
             entries.append(Entry("name", item.str("name", pattern=REPOSITORY), added))
         item.done()
+    registries = []
+    for item in f.children("registries", []):
+        registries.append(Registry(item.str("host", pattern=REGISTRY_HOST),
+                                   item.str("credentials", None, pattern=CREDENTIALS_FILE), item.str("added", "")))
+        item.done()
     f.done()
-    return OperatorImages(tuple(entries))
+    return OperatorImages(tuple(entries), tuple(registries))
 
 
 def write_operator_images(path: str | os.PathLike[str], images: OperatorImages) -> None:
     """Render, check that the text reads back as the same entries, then replace the file atomically (0644)."""
     path = Path(path)
-    data = {"version": SUPPORTED_VERSION, "allow": [
+    data: dict = {"version": SUPPORTED_VERSION, "allow": [
         {e.kind: e.value, **({"added": e.added} if e.added else {})} for e in images.entries]}
+    if images.registries:
+        data["registries"] = [{"host": r.host, **({"credentials": r.credentials} if r.credentials else {}),
+                               **({"added": r.added} if r.added else {})} for r in images.registries]
     text = _HEADER + yaml.safe_dump(data, sort_keys=False)
     if not path.parent.is_dir():
         raise PolicyError(str(path), "", f"directory {path.parent} does not exist: mount a volume there "
@@ -126,20 +151,53 @@ def write_operator_images(path: str | os.PathLike[str], images: OperatorImages) 
         write_atomic(path, text, mode=0o644)
     except OSError as exc:
         raise PolicyError(str(path), "", f"cannot write: {exc.strerror or exc}") from None
-    if read_operator_images(path).entries != images.entries:  # the reader is the judge of what was written
+    if read_operator_images(path) != images:  # the reader is the judge of what was written
         raise PolicyError(str(path), "", "the file written does not read back as the entries given")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def add_entry(images: OperatorImages, entry: Entry) -> tuple[OperatorImages, bool]:
     if any(e.kind == entry.kind and e.value == entry.value for e in images.entries):
         return images, False
-    stamp = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    return OperatorImages((*images.entries, replace(entry, added=stamp))), True
+    return replace(images, entries=(*images.entries, replace(entry, added=_now()))), True
 
 
 def remove_entry(images: OperatorImages, entry: Entry) -> tuple[OperatorImages, bool]:
     kept = tuple(e for e in images.entries if not (e.kind == entry.kind and e.value == entry.value))
-    return OperatorImages(kept), len(kept) != len(images.entries)
+    return replace(images, entries=kept), len(kept) != len(images.entries)
+
+
+def credentials_file_name(host: str) -> str:
+    return f"registry-{host.replace(':', '_')}.json"
+
+
+def set_registry(images: OperatorImages, host: str, *, credentials: str | None) -> OperatorImages:
+    """Add or replace the registry `host` (checked against REGISTRY_HOST)."""
+    if not re.fullmatch(REGISTRY_HOST, host):
+        raise PolicyError("airlock images registry add", "host", f"{host!r} is not a registry host[:port]")
+    kept = tuple(r for r in images.registries if r.host != host)
+    return replace(images, registries=(*kept, Registry(host, credentials, _now())))
+
+
+def remove_registry(images: OperatorImages, host: str) -> tuple[OperatorImages, bool]:
+    kept = tuple(r for r in images.registries if r.host != host)
+    return replace(images, registries=kept), len(kept) != len(images.registries)
+
+
+def registry_auth(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The {username, password} of a registry's credentials file; PolicyError (never the secret) if unusable."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PolicyError(str(path), "", f"cannot read the registry credentials: {type(exc).__name__}") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data[k] for k in ("username",
+                                                                                               "password")):
+        raise PolicyError(str(path), "", "registry credentials must be {\"username\": ..., \"password\": ...}")
+    return {"username": data["username"], "password": data["password"]}
 
 
 class LiveImages:
@@ -171,7 +229,10 @@ class LiveImages:
             extra = read_operator_images(self.path)  # type: ignore[arg-type]
         except PolicyError as exc:
             return self.base, f"operator image allowlist ignored until fixed: {exc}"
-        if not extra.entries:
+        if not extra.entries and not extra.registries:
             return self.base, None
+        directory = self.path.parent  # type: ignore[union-attr]
+        registries = {**self.base.registries, **{r.host: str(directory / r.credentials) if r.credentials else None
+                                                  for r in extra.registries}}
         return ImagePolicy(allow_pull=self.base.allow_pull, names=(*self.base.names, *extra.names),
-                           digests=(*self.base.digests, *extra.digests)), None
+                           digests=(*self.base.digests, *extra.digests), registries=registries), None

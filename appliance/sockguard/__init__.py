@@ -70,6 +70,7 @@ class Decision:
     path: str  # the normalized path that was checked
     target: bytes = b""
     status: int = 200
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # added to the forwarded request (a pull's registry login)
 
     def log_record(self, method: str) -> dict[str, object]:
         return {

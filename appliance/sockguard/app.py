@@ -265,7 +265,9 @@ class Sockguard:
                             if not isinstance(await _next_event(conn, reader), h11.Data):
                                 break
             return upstream, not close
-        headers = [(b"host", b"docker"), *((k, v) for k, v in request.headers if k not in _REQUEST_DROP)]
+        # A registry login is sockguard's to add (from the operator's file), never the client's to send.
+        headers = [(b"host", b"docker"), *((k, v) for k, v in request.headers if k not in _REQUEST_DROP
+                                           and k != b"x-registry-auth"), *decision.headers]
         if body or method in {"POST", "PUT"}:
             headers.append((b"content-length", str(len(body)).encode()))
         try:

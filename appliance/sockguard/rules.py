@@ -7,6 +7,8 @@ without the airlock label — all refused, each refusal naming its rule.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import functools
 import json
 import re
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 from appliance import artifacts, labels
 from appliance.policy import Policy, canonical_seccomp
+from appliance.policy.operator import registry_auth
 from appliance.sockguard import Decision, Found, Lookups, Table, inspect
 from appliance.sockguard.inspect import (
     CreateBody,
@@ -27,6 +30,7 @@ from appliance.sockguard.inspect import (
     normalize_target,
     only_fields,
 )
+from protocol.errors import PolicyError
 from protocol.locations import ARTIFACTS_DIR, LOCATION_NAME
 
 IMAGE_REF = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,254}")
@@ -52,6 +56,7 @@ class Ctx:
     body: bytes
     policy: Policy
     lookups: Lookups
+    headers: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)  # a check may add some
 
     def rewrite(self, group: str, resolved: str, shape: re.Pattern[str] = _RESOLVED_ID) -> bytes:
         """Forward with the engine's full id, so the action hits exactly the object that was checked."""
@@ -78,8 +83,9 @@ async def decide(
         if body and endpoint.check not in BODY_CHECKS:
             raise Refusal("body", f"{method} {endpoint.path} takes no request body")
         check = CHECKS.get(endpoint.check or "", _endpoint_only)
-        reason, forward = await check(Ctx(method, target, match, body, policy, lookups))
-        return Decision(True, endpoint.check or "endpoint", reason, path, forward)
+        ctx = Ctx(method, target, match, body, policy, lookups)
+        reason, forward = await check(ctx)
+        return Decision(True, endpoint.check or "endpoint", reason, path, forward, headers=tuple(ctx.headers))
     except Refusal as refusal:
         return refused(refusal, path)
 
@@ -152,9 +158,15 @@ async def _network_attach(ctx: Ctx) -> tuple[str, bytes]:
     return reason, ctx.rewrite("id", network.id)
 
 
+def registry_host(repository: str) -> str:
+    """The registry a repository names, as Docker reads it: a first component with '.' or ':', or localhost."""
+    first, sep, _ = repository.partition("/")
+    return first if sep and ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
 async def _image_pull(ctx: Ctx) -> tuple[str, bytes]:
-    if not ctx.policy.images.allow_pull:
-        raise Refusal("pull", "policy/images.yaml has allow_pull: false")
+    """A pull from a registry the operator listed, by digest only, with that registry's login added here (the
+    agent never holds it); or, where policy/images.yaml says allow_pull, any allowlisted image."""
     extra = sorted({k for k, _ in ctx.target.query} - {"fromImage", "tag", "platform"})
     if extra:  # fromSrc would import a tarball under any name; repo/changes rewrite it
         raise Refusal("pull", f"only fromImage, tag and platform may be given (got {', '.join(extra)})")
@@ -162,8 +174,24 @@ async def _image_pull(ctx: Ctx) -> tuple[str, bytes]:
     if not IMAGE_REF.fullmatch(image) or (tag and not IMAGE_REF.fullmatch(tag)):
         raise Refusal("pull", "fromImage (and tag) must be plain image references")
     ref = f"{image}@{tag}" if tag.startswith("sha256:") else f"{image}:{tag}" if tag else image
-    tags, digests = ((), (ref,)) if "@" in ref else ((ref,), ())
-    allowed, why = ctx.policy.images.decide(ref, tags, digests)
+    repository, _, digest = ref.partition("@")
+    repository = repository if digest else ref.rsplit(":", 1)[0] if ":" in ref.rsplit("/", 1)[-1] else ref
+    images, host = ctx.policy.images, registry_host(repository)
+    if host in images.registries:
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise Refusal("pull", f"{ref}: images are pulled by digest only (repo@sha256:<digest>), never by a tag, "
+                                  f"which can move")
+        credentials = images.registries[host]
+        if credentials:
+            try:
+                auth = registry_auth(credentials) | {"serveraddress": host}
+            except PolicyError as exc:
+                raise Refusal("pull", str(exc)) from None
+            ctx.headers.append((b"x-registry-auth", base64.urlsafe_b64encode(json.dumps(auth).encode())))
+    elif not images.allow_pull:
+        raise Refusal("pull", f"{host} is not a registry this appliance pulls from (on the appliance: `airlock images "
+                              f"registry add {host}`)")
+    allowed, why = images.decide(digest or ref, (repository,), (ref,) if digest else ())
     if not allowed:
         raise Refusal("pull", why)
     return why, ctx.target.encode()

@@ -348,6 +348,59 @@ def test_pull_follows_allow_pull(setup: tuple[Policy, Table]) -> None:
         assert (decision.allow, decision.rule) == (False, "pull"), refused
 
 
+DIGEST = "sha256:" + "ab" * 32
+
+
+PULL_NAMES = ("127.0.0.1:5123/acme/*", "127.0.0.1:5999/acme/*")
+
+
+def registry_policy(policy: Policy, tmp_path: Path, *, names: tuple[str, ...] = PULL_NAMES) -> Policy:
+    creds = tmp_path / "registry-127.0.0.1_5123.json"
+    creds.write_text(json.dumps({"username": "ci", "password": "s3cret-pass"}))
+    images = dataclasses.replace(policy.images, names=(*policy.images.names, *names),
+                                 registries={"127.0.0.1:5123": str(creds), "127.0.0.1:5999": None})
+    return dataclasses.replace(policy, images=images)
+
+
+def test_a_listed_registry_is_pulled_from_by_digest_with_sockguards_login(setup: tuple[Policy, Table],
+                                                                         tmp_path: Path) -> None:
+    import base64
+
+    policy = registry_policy(setup[0], tmp_path)
+    for query in (f"fromImage=127.0.0.1:5123/acme/etl&tag={DIGEST}", f"fromImage=127.0.0.1:5123/acme/etl@{DIGEST}"):
+        decision = decide(setup, "POST", f"/v1.41/images/create?{query}", policy=policy)
+        assert decision.allow, decision
+        [(name, value)] = decision.headers
+        assert name == b"x-registry-auth"
+        assert json.loads(base64.urlsafe_b64decode(value)) == {"username": "ci", "password": "s3cret-pass",
+                                                               "serveraddress": "127.0.0.1:5123"}
+        assert "s3cret" not in json.dumps(decision.log_record("POST"))  # the login is never logged
+    anonymous = decide(setup, "POST", f"/v1.41/images/create?fromImage=127.0.0.1:5999/acme/etl&tag={DIGEST}",
+                       policy=policy)
+    assert anonymous.allow and anonymous.headers == ()
+
+
+@pytest.mark.parametrize(("query", "why"), [
+    ("fromImage=127.0.0.1:5123/acme/etl&tag=1.4", "by digest only"),  # a tag can move
+    ("fromImage=127.0.0.1:5123/acme/etl", "by digest only"),  # :latest, implicitly
+    (f"fromImage=127.0.0.1:5123/other/etl&tag={DIGEST}", "not allowed by this appliance's image policy"),
+    (f"fromImage=127.0.0.1:5124/acme/etl&tag={DIGEST}", "not a registry this appliance pulls from"),
+    (f"fromImage=acme/etl&tag={DIGEST}", "docker.io is not a registry"),
+])
+def test_any_other_pull_is_refused_with_its_reason(setup: tuple[Policy, Table], tmp_path: Path, query: str,
+                                                   why: str) -> None:
+    decision = decide(setup, "POST", f"/v1.41/images/create?{query}", policy=registry_policy(setup[0], tmp_path))
+    assert (decision.allow, decision.rule) == (False, "pull") and why in decision.reason, decision
+
+
+def test_a_pulled_image_is_allowed_by_the_repository_of_its_repo_digest(setup: tuple[Policy, Table],
+                                                                        tmp_path: Path) -> None:
+    images = registry_policy(setup[0], tmp_path).images
+    pulled = f"127.0.0.1:5123/acme/etl@{DIGEST}"
+    assert images.decide("sha256:" + "cd" * 32, (), (pulled,))[0]  # pulled by digest: no tag at all
+    assert not images.decide("sha256:" + "cd" * 32, (), (f"127.0.0.1:5123/other/etl@{DIGEST}",))[0]
+
+
 @pytest.mark.parametrize(
     ("method", "action"),
     [("GET", "json"), ("GET", "logs?follow=1&stdout=1"), ("POST", "stop"), ("POST", "start"), ("POST", "kill"),
