@@ -12,6 +12,7 @@ location's artifact volume and a plain remove keeps the other's.
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -46,6 +47,10 @@ SENSOR = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ...
   ticks(limit: 20) { status skipReason error { message } } } } } }"""
 START_SENSOR = """mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename
   ... on PythonError { message } } }"""
+SENSOR_IDS = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor { jobOriginId
+  sensorState { selectorId } } } }"""
+STOP_SENSOR = """mutation($origin: String!, $selector: String!) { stopSensor(jobOriginId: $origin,
+  jobSelectorId: $selector) { __typename ... on PythonError { message } } }"""
 ADD_PARTITION = """mutation($r: RepositorySelector!, $key: String!) { addDynamicPartition(repositorySelector: $r,
   partitionsDefName: "customers", partitionKey: $key) { __typename ... on PythonError { message } } }"""
 JOBS = """{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename
@@ -102,6 +107,20 @@ def sensor(name: str, location: str = "catalogue") -> dict[str, str]:
     return {"repositoryName": "__repository__", "repositoryLocationName": location, "sensorName": name}
 
 
+@contextlib.contextmanager
+def sensors_running(cp: ControlPlane, *names: str) -> Iterator[None]:
+    """Started for one test and stopped after it, so their ticks do not load the machine for the next ones."""
+    for name in names:
+        started = cp.graphql(START_SENSOR, {"s": sensor(name)})["startSensor"]
+        assert started["__typename"] == "Sensor", started
+    try:
+        yield
+    finally:
+        for name in names:
+            ids = cp.graphql(SENSOR_IDS, {"s": sensor(name)})["sensorOrError"]
+            cp.graphql(STOP_SENSOR, {"origin": ids["jobOriginId"], "selector": ids["sensorState"]["selectorId"]})
+
+
 def test_a_downstream_asset_materialized_in_a_later_run_reads_its_upstream_and_its_blocking_check_runs(
         catalogue) -> None:
     cp, _ = catalogue
@@ -138,20 +157,18 @@ def test_partitioned_assets_with_partitioned_upstreams_of_every_kind(catalogue) 
 
 def test_sensors_read_the_instance_through_the_appliance(catalogue) -> None:
     cp, _ = catalogue
-    for name in ("revenue_watch", "success_counter"):
-        started = cp.graphql(START_SENSOR, {"s": sensor(name)})["startSensor"]
-        assert started["__typename"] == "Sensor", started
-    time.sleep(8)  # the first ticks set the cursors; what happens after them must be seen
-    run_id = launch(cp, job="daily_job", partition="2026-11-03")
-    succeeds(cp, run_id)
 
     def saw(name: str, text: str) -> list[dict]:
         ticks = cp.graphql(SENSOR, {"s": sensor(name)})["sensorOrError"]["sensorState"]["ticks"]
         assert not [t for t in ticks if t["status"] == "FAILURE"], ticks
         return [t for t in ticks if text in (t["skipReason"] or "")]
 
-    wait("the asset sensor saw the materialization", lambda: saw("revenue_watch", run_id), 90)
-    wait("the run-status sensor saw the success", lambda: saw("success_counter", "saw daily_job succeed"), 90)
+    with sensors_running(cp, "revenue_watch", "success_counter"):
+        time.sleep(8)  # the first ticks set the cursors; what happens after them must be seen
+        run_id = launch(cp, job="daily_job", partition="2026-11-03")
+        succeeds(cp, run_id)
+        wait("the asset sensor saw the materialization", lambda: saw("revenue_watch", run_id), 90)
+        wait("the run-status sensor saw the success", lambda: saw("success_counter", "saw daily_job succeed"), 90)
 
 
 def test_op_jobs_dynamic_outputs_config_retries_and_the_intended_failure(catalogue) -> None:
@@ -179,18 +196,17 @@ def test_op_jobs_dynamic_outputs_config_retries_and_the_intended_failure(catalog
 def test_an_observable_source_and_declarative_automation_by_the_daemon(catalogue) -> None:
     cp, _ = catalogue
     succeeds(cp, launch(cp, ["vendor_feed"]))  # an observation run
-    started = cp.graphql(START_SENSOR, {"s": sensor("automation")})["startSensor"]
-    assert started["__typename"] == "Sensor", started
-    ours = launch(cp, ["feed_digest"])
-    succeeds(cp, ours)
-    checks = cp.graphql(CHECK, {"path": ["feed_digest"], "check": "digest_not_empty"})["assetCheckExecutions"]
-    assert any(c["runId"] == ours and c["status"] == "SUCCEEDED" for c in checks), checks
 
     def by_automation() -> list[str]:  # eager_report: requested by the daemon, not by us
         found = cp.graphql(MATERIALIZED_BY, {"path": ["eager_report"]})["assetOrError"]["assetMaterializations"]
         return [m["runId"] for m in found if m["runId"] != ours]
 
-    wait("eager_report materialized by declarative automation", by_automation, 180)
+    with sensors_running(cp, "automation"):
+        ours = launch(cp, ["feed_digest"])
+        succeeds(cp, ours)
+        checks = cp.graphql(CHECK, {"path": ["feed_digest"], "check": "digest_not_empty"})["assetCheckExecutions"]
+        assert any(c["runId"] == ours and c["status"] == "SUCCEEDED" for c in checks), checks
+        wait("eager_report materialized by declarative automation", by_automation, 180)
 
 
 def backfill(cp: ControlPlane, assets: list[str], partitions: list[str]) -> str:
@@ -210,6 +226,7 @@ def finished_backfill(cp: ControlPlane, backfill_id: str, timeout: float) -> lis
     return wait(f"backfill {backfill_id}", done, timeout)
 
 
+@pytest.mark.timeout(1500)  # 40 runs on 2 cores: about 5 minutes here, more while the machine is busy
 def test_a_20_partition_backfill_over_two_locations_then_a_single_run_backfill(catalogue) -> None:
     cp, _ = catalogue
     days = [f"2026-11-{d:02d}" for d in range(4, 24)]
