@@ -25,7 +25,7 @@ from appliance.agent.grpc_handler import code_server_addresses
 from appliance.agent.reconciler import Reconciler
 from appliance.agent.results import ResultBatcher
 from appliance.agent.runs import RunManager
-from appliance.agent.status import write_status
+from appliance.agent.status import next_pass_in, write_status
 from appliance.agent.transport import GatewayClient
 from appliance.policy import DesiredSet, Location, Policy, PolicyError, desired_set_from_data
 from protocol.backoff import Delays
@@ -138,7 +138,7 @@ class ConnectedAgent:
         for thread in threads:
             thread.start()
         while not stop.is_set():
-            self.wake.wait(self.reconcile_interval)
+            self.wake.wait(next_pass_in(self.reconciler.statuses, self.reconcile_interval))
             self.wake.clear()
             self._reconcile_once()
         self.beat_now.set()  # the heartbeat loop sees stop now

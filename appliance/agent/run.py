@@ -18,7 +18,7 @@ import docker.errors
 
 from appliance import labels
 from appliance.agent.reconciler import Reconciler
-from appliance.agent.status import write_status
+from appliance.agent.status import next_pass_in, write_status
 from appliance.launcher.engine import Engine
 from appliance.logs import configure
 from appliance.policy import Location, Policy, PolicyError, load_locations, load_policy
@@ -127,7 +127,7 @@ def run_standalone(settings: Settings, locations: LocationsFile, reconciler: Rec
             write_status(settings.state_dir, reconciler.reconcile(locations.load()))
         except (docker.errors.DockerException, OSError) as exc:
             log.warning("reconcile pass failed, will retry: %s", exc)
-        stop.wait(settings.reconcile_interval)
+        stop.wait(next_pass_in(reconciler.statuses, settings.reconcile_interval))
 
 
 def run_connected(settings: Settings, policy: Policy, reconciler: Reconciler, stop: threading.Event) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -64,3 +65,13 @@ def read_status(state_dir: str) -> ApplianceStatus | None:
 
 def now() -> float:
     return time.time()
+
+
+LOADING_PASS_SECONDS = 0.5  # the reconcile interval while a code server is starting
+
+
+def next_pass_in(statuses: Mapping[str, LocationStatus], interval: float) -> float:
+    """While a code server is starting, look again soon: it is LOADED the moment it answers, not a whole
+    reconcile interval later (what `location add` and deploys wait for)."""
+    loading = any(s.state is State.LOADING for s in statuses.values())
+    return min(interval, LOADING_PASS_SECONDS) if loading else interval

@@ -15,96 +15,40 @@ import collections
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from tests import harness
+from tests.integration.catalogue import (
+    ADD_PARTITION,
+    BACKFILL_ASSETS,
+    CHECK,
+    EVENTS,
+    MATERIALIZED_BY,
+    RUNS_TAGGED,
+    SENSOR,
+    SENSOR_IDS,
+    START_SENSOR,
+    STOP_SENSOR,
+    add_catalogue,
+    backfill,
+    backfill_days,
+    backfill_figures,
+    finished_backfill,
+    launch,
+    messages,
+    sensor,
+    succeeds,
+)
 from tests.integration.stack import ControlPlane, wait, wait_terminal
-
-LOCATIONS = {"catalogue": "catalogue.definitions", "regional": "catalogue.regional"}
-IMAGE = "airlock/catalogue-location"
-LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
-  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message stack }
-  ... on RunConfigValidationInvalid { errors { message } } ... on InvalidSubsetError { message } } }"""
-BACKFILL = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { __typename
-  ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message stack } } }"""
-BACKFILL_STATE = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
-  ... on PartitionBackfill { status } }
-  runsOrError(filter: {tags: [{key: "dagster/backfill", value: $id}]}) { ... on Runs { results {
-    runId status creationTime startTime endTime tags { key value } } } } }"""
-RUNS_TAGGED = """query($key: String!, $value: String!) { runsOrError(filter: {tags: [{key: $key, value: $value}]}) {
-  ... on Runs { results { runId status } } } }"""
-EVENTS = """query($id: ID!) { logsForRun(runId: $id, limit: 5000) { ... on EventConnection { events { __typename
-  ... on MessageEvent { message } ... on MaterializationEvent { assetKey { path } metadataEntries { label
-  ... on IntMetadataEntry { intValue } } } ... on ExecutionStepFailureEvent { error { message cause { message } } }
-  ... on EngineEvent { error { message cause { message } } } } } } }"""
-CHECK = """query($path: [String!]!, $check: String!) { assetCheckExecutions(assetKey: {path: $path}, checkName: $check,
-  limit: 5) { runId status } }"""
-MATERIALIZED_BY = """query($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset {
-  assetMaterializations(limit: 5) { runId partition } } } }"""
-SENSOR = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor { sensorState {
-  ticks(limit: 20) { status skipReason error { message } } } } } }"""
-START_SENSOR = """mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename
-  ... on PythonError { message } } }"""
-SENSOR_IDS = """query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor { jobOriginId
-  sensorState { selectorId } } } }"""
-STOP_SENSOR = """mutation($origin: String!, $selector: String!) { stopSensor(jobOriginId: $origin,
-  jobSelectorId: $selector) { __typename ... on PythonError { message } } }"""
-ADD_PARTITION = """mutation($r: RepositorySelector!, $key: String!) { addDynamicPartition(repositorySelector: $r,
-  partitionsDefName: "customers", partitionKey: $key) { __typename ... on PythonError { message } } }"""
-JOBS = """{ workspaceOrError { ... on Workspace { locationEntries { name locationOrLoadError { __typename
-  ... on PythonError { message } ... on RepositoryLocation { repositories { jobs { name } } } } } } } }"""
 
 
 @pytest.fixture(scope="module")
 def catalogue(stack) -> Iterator[tuple[ControlPlane, harness.Appliance]]:
     """Both locations built from one image the operator allowed, added on the control plane, loaded in the UI."""
     cp, appliance = stack
-    images, dc = harness.images(), harness.client()
-    image, _ = dc.images.build(path=str(harness.ROOT / "images/catalogue-location"), tag=f"{IMAGE}:test", rm=True,
-                               buildargs={"BASE_IMAGE": images["usercode-base"]})
-    code, out = appliance.exec("airlock", "images", "allow", IMAGE)
-    assert code == 0, out
-    for name, module in LOCATIONS.items():
-        cp.cli("location", "add", name, "--image", image.id, "--module", module)
-
-    def loaded() -> bool:
-        entries = {e["name"]: e["locationOrLoadError"] for e in cp.graphql(JOBS)["workspaceOrError"]["locationEntries"]}
-        return all((entries.get(n) or {}).get("__typename") == "RepositoryLocation" for n in LOCATIONS)
-
-    wait("catalogue and regional loaded in the webserver", loaded, 300)
+    add_catalogue(cp, appliance)
     yield cp, appliance
-
-
-def launch(cp: ControlPlane, assets: list[str] | None = None, *, job: str = "__ASSET_JOB", location: str = "catalogue",
-           partition: str | None = None, tags: dict[str, str] | None = None, config: dict | None = None) -> str:
-    selector: dict[str, Any] = {"repositoryLocationName": location, "repositoryName": "__repository__", "jobName": job}
-    if assets:
-        selector["assetSelection"] = [{"path": [a]} for a in assets]
-    tags = dict(tags or {}) | ({"dagster/partition": partition} if partition else {})
-    params = {"selector": selector, "runConfigData": config or {},
-              "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}}
-    result = cp.graphql(LAUNCH, {"p": params})["launchRun"]
-    assert result["__typename"] == "LaunchRunSuccess", result
-    return result["run"]["runId"]
-
-
-def messages(cp: ControlPlane, run_id: str) -> list[str]:
-    found = cp.graphql(EVENTS, {"id": run_id})["logsForRun"]["events"]
-    def error(e: dict) -> str:
-        err = e.get("error") or {}
-        return " ".join(filter(None, (err.get("message"), (err.get("cause") or {}).get("message"))))
-
-    return [f"{e.get('message') or ''} {error(e)}" for e in found]
-
-
-def succeeds(cp: ControlPlane, run_id: str, timeout: float = 240) -> None:
-    assert wait_terminal(cp, run_id, timeout) == "SUCCESS", messages(cp, run_id)[-12:]
-
-
-def sensor(name: str, location: str = "catalogue") -> dict[str, str]:
-    return {"repositoryName": "__repository__", "repositoryLocationName": location, "sensorName": name}
 
 
 @contextlib.contextmanager
@@ -209,36 +153,16 @@ def test_an_observable_source_and_declarative_automation_by_the_daemon(catalogue
         wait("eager_report materialized by declarative automation", by_automation, 180)
 
 
-def backfill(cp: ControlPlane, assets: list[str], partitions: list[str]) -> str:
-    params = {"assetSelection": [{"path": [a]} for a in assets], "partitionNames": partitions}
-    result = cp.graphql(BACKFILL, {"p": params})["launchPartitionBackfill"]
-    assert result["__typename"] == "LaunchBackfillSuccess", result
-    return result["backfillId"]
-
-
-def finished_backfill(cp: ControlPlane, backfill_id: str, timeout: float) -> list[dict]:
-    def done() -> list[dict] | None:
-        state = cp.graphql(BACKFILL_STATE, {"id": backfill_id})
-        status = state["partitionBackfillOrError"]["status"]
-        assert status not in ("FAILED", "CANCELED", "COMPLETED_FAILED"), state
-        return state["runsOrError"]["results"] if status in ("COMPLETED", "COMPLETED_SUCCESS") else None
-
-    return wait(f"backfill {backfill_id}", done, timeout)
-
-
 @pytest.mark.timeout(1500)  # 40 runs on 2 cores: about 5 minutes here, more while the machine is busy
 def test_a_20_partition_backfill_over_two_locations_then_a_single_run_backfill(catalogue) -> None:
     cp, _ = catalogue
-    days = [f"2026-11-{d:02d}" for d in range(4, 24)]
+    days = backfill_days(20)
     started = time.monotonic()
-    runs = finished_backfill(cp, backfill(cp, ["daily_orders", "daily_revenue", "regional_orders",
-                                                "regional_totals"], days), 900)
+    runs = finished_backfill(cp, backfill(cp, BACKFILL_ASSETS, days), 1200)
     wall = time.monotonic() - started
     statuses = collections.Counter(r["status"] for r in runs)
     assert statuses == {"SUCCESS": 2 * len(days)}, statuses  # one run per partition per location, none stranded
-    waits = sorted(r["startTime"] - r["creationTime"] for r in runs)
-    print(f"backfill: {len(runs)} runs over 2 locations in {wall:.0f} s = {len(runs) / wall * 60:.1f} runs/min; "
-          f"created -> started median {waits[len(waits) // 2]:.0f} s, max {waits[-1]:.0f} s")
+    print(f"backfill over 2 locations: {backfill_figures(runs, wall)}")
 
     single = finished_backfill(cp, backfill(cp, ["daily_summary_single_run"], days[:5]), 300)
     assert [r["status"] for r in single] == ["SUCCESS"], single  # BackfillPolicy.single_run: one run, five days

@@ -146,3 +146,14 @@ def test_a_purge_waits_until_nothing_of_the_location_runs(world) -> None:
     launcher.remove(run)
     rec.reconcile((), purge=("acme",))
     assert launcher.artifact_locations() == []
+
+
+def test_the_next_pass_comes_soon_while_a_code_server_is_starting(world) -> None:
+    from appliance.agent.status import LOADING_PASS_SECONDS, next_pass_in
+
+    rec, launcher, answering, _ = world
+    rec.reconcile(_locations(("example", EXAMPLE)))
+    assert next_pass_in(rec.statuses, 5.0) == LOADING_PASS_SECONDS  # LOADING: it is LOADED the moment it answers
+    answering.add(launcher.started[0].name)
+    rec.reconcile(_locations(("example", EXAMPLE)))
+    assert next_pass_in(rec.statuses, 5.0) == 5.0  # all LOADED: the normal interval
