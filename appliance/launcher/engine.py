@@ -203,8 +203,11 @@ class Engine:
 
     # -- workloads --------------------------------------------------------------------------------
     def workloads(self, role: str) -> list[Workload]:
+        # ignore_removed: docker-py lists, then inspects each container; one removed in between (a finished run
+        # reaped by another thread) is simply gone, not an error that fails whoever was listing.
         with self._mapped(f"cannot list {role} containers"):
-            return [_workload(c) for c in self.client.containers.list(all=True, filters=self._owned_filter(role))]
+            return [_workload(c) for c in self.client.containers.list(all=True, filters=self._owned_filter(role),
+                                                                       ignore_removed=True)]
 
     def start(self, spec: ContainerSpec) -> Workload:
         with self._mapped(f"cannot create {spec.name}"):

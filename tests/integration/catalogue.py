@@ -97,11 +97,19 @@ def backfill(cp: ControlPlane, assets: list[str], partitions: list[str]) -> str:
     return result["backfillId"]
 
 
+class BackfillFailed(Exception):
+    """Not an AssertionError: `wait` retries those, and a failed backfill will not get better."""
+
+
 def finished_backfill(cp: ControlPlane, backfill_id: str, timeout: float) -> list[dict]:
     def done() -> list[dict] | None:
         state = cp.graphql(BACKFILL_STATE, {"id": backfill_id})
         status = state["partitionBackfillOrError"]["status"]
-        assert status not in ("FAILED", "CANCELED", "COMPLETED_FAILED"), state
+        if status in ("FAILED", "CANCELED", "COMPLETED_FAILED"):
+            failed = [r for r in state["runsOrError"]["results"] if r["status"] != "SUCCESS"]
+            raise BackfillFailed(f"backfill {backfill_id} ended {status}; runs not SUCCESS: "
+                                 + "; ".join(f"{r['runId']} {r['status']}: {' | '.join(messages(cp, r['runId'])[-2:])}"
+                                             for r in failed))
         return state["runsOrError"]["results"] if status in ("COMPLETED", "COMPLETED_SUCCESS") else None
 
     return wait(f"backfill {backfill_id}", done, timeout)

@@ -131,17 +131,18 @@ attempt("network-not-internal", lambda: api.create_network(f"airlock-{args['run'
                                                           labels={"airlock.managed": "true"}))
 attempt("container-list-unfiltered", lambda: [c["Id"] for c in api.containers(all=True) if c["Id"] == victim])
 
-# The allowed twin: exactly the hardened spec, created, started, waited for and removed.
-def allowed():
-    created = api._result(api._post_json(api._url("/containers/create"), data=good,
-                                         params={"name": f"airlock-{args['run']}-attempt-ok"}), True)
+def run_and_remove(body, suffix):
+    """Create, start, wait for and remove a container from exactly this body; its exit status."""
+    created = api._result(api._post_json(api._url("/containers/create"), data=body,
+                                         params={"name": f"airlock-{args['run']}-attempt-{suffix}"}), True)
     api.start(created["Id"])
     status = api.wait(created["Id"], timeout=60)["StatusCode"]
     api.remove_container(created["Id"], force=True)
     return f"exit {status}"
 
 
-attempt("allowed:hardened-create", allowed)
+# The allowed twin: exactly the hardened spec, created, started, waited for and removed.
+attempt("allowed:hardened-create", lambda: run_and_remove(good, "ok"))
 
 
 def allowed_artifacts():
@@ -151,12 +152,7 @@ def allowed_artifacts():
     body["HostConfig"]["Mounts"] = [{"Type": "volume", "Source": f"airlock-{args['run']}-example-artifacts",
                                      "Target": ARTIFACTS_DIR, "VolumeOptions": {"NoCopy": True}}]
     body["Cmd"] = ["sh", "-c", f"test -w {ARTIFACTS_DIR}"]
-    created = api._result(api._post_json(api._url("/containers/create"), data=body,
-                                         params={"name": f"airlock-{args['run']}-attempt-art"}), True)
-    api.start(created["Id"])
-    status = api.wait(created["Id"], timeout=60)["StatusCode"]
-    api.remove_container(created["Id"], force=True)
-    return f"exit {status}"
+    return run_and_remove(body, "art")
 
 
 attempt("allowed:artifacts-mount", allowed_artifacts)

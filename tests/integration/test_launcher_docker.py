@@ -80,3 +80,27 @@ def test_artifacts_outlive_a_container_and_are_nosuid_nodev_noexec(bench: launch
         for w in engine.workloads(labels.ROLE_RUN):
             engine.remove(w)
         engine.remove_artifacts(location)
+
+
+def test_a_workload_removed_between_listing_and_inspecting_is_skipped(bench: launcher_contract.Bench,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker-py lists, then inspects each container: a run reaped in between (by the reaper thread) must not
+    fail whoever was listing; it once failed a backfill's LAUNCH_RUN ("no such container")."""
+    engine = bench.launcher
+    gone, kept = (engine.start(bench.spec(f"race-{n}", labels.ROLE_RUN)) for n in ("gone", "kept"))
+    api = engine.client.api
+    inspect = api.inspect_container
+
+    def reaped_first(container: str):  # the reaper wins the race for `gone`
+        if container == gone.id:
+            harness.client().containers.get(gone.id).remove(force=True)
+        return inspect(container)
+
+    monkeypatch.setattr(api, "inspect_container", reaped_first)
+    try:
+        listed = {w.id for w in engine.workloads(labels.ROLE_RUN)}
+        assert kept.id in listed and gone.id not in listed
+    finally:
+        monkeypatch.undo()
+        for w in (gone, kept):
+            engine.remove(w)
