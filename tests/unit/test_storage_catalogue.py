@@ -148,3 +148,17 @@ def test_a_run_status_sensor_on_a_location_token_sees_its_own_locations_runs_onl
     assert catalogue.run("retry_job") == DagsterRunStatus.SUCCESS
     newer = code_server.fetch_run_status_changes(after, limit=10, ascending=True).records
     assert len(newer) == 1 and newer[0].event_log_entry.run_id not in own
+
+
+def test_a_single_run_backfill_reads_a_range_of_upstream_partitions(catalogue: Catalogue) -> None:
+    for day in ("2026-11-05", "2026-11-06"):
+        assert catalogue.run("daily_job", partition=day) == DagsterRunStatus.SUCCESS
+    _, run = run_for(catalogue.control_plane, CATALOGUE, MODULE, "__ASSET_JOB", location="catalogue",
+                     asset_selection=frozenset({AssetKey("daily_summary_single_run")}),
+                     tags={"dagster/asset_partition_range_start": "2026-11-05",
+                           "dagster/asset_partition_range_end": "2026-11-06"})
+    send = Loopback(StorageExecutor(catalogue.control_plane), Scope(run.run_id, "catalogue"))
+    execute(run.run_id, user_instance(catalogue.monkeypatch, send, catalogue.tmp_path))
+    cp = catalogue.control_plane
+    assert cp.get_run_by_id(run.run_id).status == DagsterRunStatus.SUCCESS
+    assert cp.get_materialized_partitions(AssetKey("daily_summary_single_run")) == {"2026-11-05", "2026-11-06"}
