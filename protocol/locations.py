@@ -27,7 +27,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Where a location's persistent artifact volume sits in its code server and runs: the base_dir of the
 # LocalArtifactStorage the control plane's instance ref names, so Dagster's default IO manager writes under
 # ARTIFACTS_DIR/storage and a later run (or the code server) reads what an earlier run wrote.
-ARTIFACTS_DIR = "/var/lib/airlock/artifacts"
+ARTIFACTS_DIR = "/opt/dagster/artifacts"
 
 LOCATION_NAME = r"[a-z0-9][a-z0-9_-]{0,40}"
 PYTHON_NAME = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"

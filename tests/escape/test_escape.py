@@ -23,6 +23,7 @@ import docker
 import pytest
 from docker.models.containers import Container
 
+from protocol.locations import ARTIFACTS_DIR
 from tests import harness
 
 ATTACKS = (Path(__file__).parent / "attacks.py").read_text()
@@ -172,8 +173,11 @@ def test_appliance_state_volume_unreachable(world: World) -> None:
     assert attack(world.alpha, "read_path", "/var/lib/airlock")["ok"] is False
     code, out = world.appliance.exec("cat", "/var/lib/airlock/status.json", user="airlock-agent")
     assert code == 0 and "alpha" in out  # the agent itself reads it
-    mounts = [m.get("Type") for m in world.alpha.attrs.get("Mounts", [])]
-    assert "bind" not in mounts and "volume" not in mounts, mounts
+    mounts = world.alpha.attrs.get("Mounts", [])
+    # No bind mount, and no volume but the location's own artifact volume (Dagster's files between runs).
+    assert not [m for m in mounts if m.get("Type") == "bind"], mounts
+    volumes = [(m.get("Name"), m.get("Destination")) for m in mounts if m.get("Type") == "volume"]
+    assert volumes == [(f"airlock-{world.appliance.appliance_id}-alpha-artifacts", ARTIFACTS_DIR)], volumes
 
 
 def test_no_agent_secret_in_env_or_mounts(world: World) -> None:

@@ -72,7 +72,7 @@ def test_a_downstream_asset_materialized_in_a_later_run_reads_its_upstream_and_i
     succeeds(cp, launch(cp, ["daily_orders"], job="daily_job", partition=day))
     later = launch(cp, ["daily_revenue"], job="daily_job", partition=day)  # a new container, a day later
     succeeds(cp, later)
-    assert any(f"from /var/lib/airlock/artifacts/storage/daily_orders/{day}" in m for m in messages(cp, later))
+    assert any(f"from /opt/dagster/artifacts/storage/daily_orders/{day}" in m for m in messages(cp, later))
     checks = cp.graphql(CHECK, {"path": ["daily_revenue"], "check": "revenue_is_positive"})["assetCheckExecutions"]
     assert any(c["runId"] == later and c["status"] == "SUCCEEDED" for c in checks), checks
 

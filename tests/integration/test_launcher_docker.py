@@ -59,11 +59,11 @@ def test_artifacts_outlive_a_container_and_are_nosuid_nodev_noexec(bench: launch
     engine, location = bench.launcher, "contract-files"
     engine.ensure_artifacts(location, prep=bench.prep(location))
     writer = bench.spec("art-writer", labels.ROLE_RUN, artifacts_of=location,
-                        command="echo materialized > /var/lib/airlock/artifacts/upstream && cp /bin/true "
-                                "/var/lib/airlock/artifacts/t && echo wrote")
+                        command="echo materialized > /opt/dagster/artifacts/upstream && cp /bin/true "
+                                "/opt/dagster/artifacts/t && echo wrote")
     reader = bench.spec("art-reader", labels.ROLE_RUN, artifacts_of=location,
-                        command="cat /var/lib/airlock/artifacts/upstream; grep ' /var/lib/airlock/artifacts ' "
-                                "/proc/mounts; /var/lib/airlock/artifacts/t; echo exec=$?; id -u")
+                        command="cat /opt/dagster/artifacts/upstream; grep ' /opt/dagster/artifacts ' "
+                                "/proc/mounts; /opt/dagster/artifacts/t; echo exec=$?; id -u")
     try:
         for spec in (writer, reader):
             workload = engine.start(spec)
@@ -72,7 +72,7 @@ def test_artifacts_outlive_a_container_and_are_nosuid_nodev_noexec(bench: launch
         out = engine.log_tail(next(w for w in engine.workloads(labels.ROLE_RUN) if w.name == reader.name), 20)
         assert "wrote" in engine.log_tail(next(w for w in engine.workloads(labels.ROLE_RUN) if w.name == writer.name))
         assert "materialized" in out
-        options = next(line for line in out.splitlines() if "/var/lib/airlock/artifacts" in line).split()[3]
+        options = next(line for line in out.splitlines() if "/opt/dagster/artifacts" in line).split()[3]
         assert {"nosuid", "nodev", "noexec"} <= set(options.split(","))
         assert "exec=126" in out and "Permission denied" in out  # noexec: the planted binary does not run
         assert out.strip().splitlines()[-1] == "10001"
