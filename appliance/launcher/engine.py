@@ -134,8 +134,7 @@ class Engine:
                 log.info("creating network %s for location %s", name, location)
                 network = self.client.networks.create(
                     name, driver="bridge", internal=True, check_duplicate=True, options=NETWORK_OPTIONS,
-                    labels={labels.MANAGED: "true", labels.ROLE: labels.ROLE_NETWORK, labels.LOCATION: location,
-                            labels.APPLIANCE_ID: self.appliance_id})
+                    labels=self._labels(labels.ROLE_NETWORK, location))
         with self._mapped(f"cannot attach the appliance to {name}"):
             network.reload()
             if not any(cid.startswith(attach) for cid in network.attrs.get("Containers") or {}):
@@ -157,9 +156,12 @@ class Engine:
 
     # -- artifact volumes -------------------------------------------------------------------------
     def ensure_artifacts(self, location: str, *, prep: ContainerSpec) -> str:
-        """Layers first, then the noexec overlay over their engine-reported Mountpoints, then (once per process,
-        harmless again: Docker copies only onto an empty volume) the create-only `prep` container."""
+        """Layers first, then the noexec overlay over their engine-reported Mountpoints, then the create-only
+        `prep` container (harmless again after a restart: Docker copies only onto an empty volume). Once done,
+        later calls in this process return at once."""
         name = artifacts.volume_name(self.appliance_id, location)
+        if name in self._prepared:  # made and prepared by this process: no Docker call on every pass and launch
+            return name
         with self._mapped(f"cannot create the artifact volume {name}"):
             have = {v.name: v for v in self.client.volumes.list(filters={"label": [
                 f"{labels.MANAGED}=true", f"{labels.APPLIANCE_ID}={self.appliance_id}",
@@ -175,18 +177,15 @@ class Engine:
                 log.info("creating artifact volume %s for location %s", name, location)
                 self.client.volumes.create(name, driver="local", driver_opts=artifacts.overlay_options(points),
                                            labels=self._labels(labels.ROLE_ARTIFACTS, location))
-        if name not in self._prepared:
-            with self._mapped(f"cannot prepare the artifact volume {name}"):
-                container = self.client.containers.create(**prep.kwargs)
-            self._remove_id(container.id, container.name)
-            self._prepared.add(name)
+        with self._mapped(f"cannot prepare the artifact volume {name}"):
+            container = self.client.containers.create(**prep.kwargs)
+        self._remove_id(container.id, container.name)
+        self._prepared.add(name)
         return name
 
     def artifact_locations(self) -> list[str]:
         with self._mapped("cannot list artifact volumes"):
-            found = self.client.volumes.list(filters={"label": [
-                f"{labels.MANAGED}=true", f"{labels.APPLIANCE_ID}={self.appliance_id}",
-                f"{labels.ROLE}={labels.ROLE_ARTIFACTS}"]})
+            found = self.client.volumes.list(filters=self._owned_filter(labels.ROLE_ARTIFACTS))
         return sorted({(v.attrs.get("Labels") or {}).get(labels.LOCATION, "") for v in found} - {""})
 
     def remove_artifacts(self, location: str) -> None:
